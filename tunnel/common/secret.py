@@ -8,6 +8,7 @@ line or an exception message by accident. Wrapping the value makes the accident 
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 __all__ = ["Secret"]
 
@@ -43,5 +44,5 @@ class Secret:
     def __hash__(self) -> int:
         return hash(("Secret", len(self._value)))
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str | tuple[Any, ...]:
         raise TypeError("secrets are not picklable")

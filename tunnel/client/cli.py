@@ -1,0 +1,94 @@
+"""``tunnel-client``: expose local ports through a relay.
+
+Exit codes: 0 after SIGTERM/SIGINT; 2 for bad arguments or configuration (checked before
+any connection); 3 when the relay refuses (wrong token, refused port). Network errors never
+end the program: it reconnects forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..common.errors import AuthError, ClaimRefused, ConfigError
+from ..common.runtime import run, setup_logging
+from .connector import Connector
+from .expose import EXPOSE_GRAMMAR
+from .settings import ClientSettings, resolve_client_settings
+
+__all__ = ["EXIT_CONFIG", "EXIT_REFUSED", "main"]
+
+EXIT_CONFIG = 2
+EXIT_REFUSED = 3
+PROG = "tunnel-client"
+
+log = logging.getLogger("tunnel.client")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Expose local TCP ports on a tunnel relay.",
+        epilog=f"--expose grammar: {EXPOSE_GRAMMAR}")
+    parser.add_argument("--server", "-s", metavar="URL",
+                        help="relay address: HOST:PORT, ws://HOST:PORT[/PATH] "
+                             "(env TUNNEL_SERVER)")
+    parser.add_argument("--token", "-t", metavar="TOKEN",
+                        help="this client's token (env TUNNEL_TOKEN keeps it out of the "
+                             "process list)")
+    parser.add_argument("--expose", "-e", action="append", default=[], metavar="SPEC",
+                        help="a tunnel; repeat for several")
+    parser.add_argument("--config", "-c", metavar="FILE",
+                        help="client.yaml with server, token/token_env/token_file, expose")
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = resolve_client_settings(server=args.server, token=args.token,
+                                           exposes=args.expose, config_path=args.config,
+                                           env=os.environ)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(args.log_level)
+    return run(_main(settings))
+
+
+def _announce(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _main(settings: ClientSettings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    connector = Connector(settings, announce=_announce)
+    try:
+        await connector.run(stop)
+    except AuthError:
+        print(f"{PROG}: authentication failed: the relay at {settings.server_url} did not "
+              "accept this token (check --token / TUNNEL_TOKEN)", file=sys.stderr)
+        return EXIT_REFUSED
+    except ClaimRefused as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Connect, authenticate, announce the tunnels, serve the link; reconnect forever.
+
+Network trouble (relay down or restarting, link lost, heartbeat timeout) is retried with
+jittered exponential backoff and never ends the program; a refused login, a refused port or
+a relay that is not a tunnel relay are final and end it with a clear message, because
+retrying cannot fix them (frp's endless-login OOM, #3543, is what a hot retry loop costs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from .. import __version__
+from ..common import messages as msg
+from ..common.auth import NONCE_SIZE, client_proof, derive_key, new_nonce
+from ..common.errors import AuthError, ClaimRefused, ConfigError, RemoteProtocolError
+from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
+from ..common.link import Link, LinkClosed
+from ..common.mux import GoAwayCode, Mux, Role
+from .dialer import Dialer
+from .expose import ExposeSpec
+from .settings import ClientSettings
+
+__all__ = [
+    "BACKOFF_CAP",
+    "BACKOFF_FACTOR",
+    "BACKOFF_INITIAL",
+    "EXPOSE_TIMEOUT",
+    "HANDSHAKE_TIMEOUT",
+    "Connector",
+    "backoff",
+]
+
+HANDSHAKE_TIMEOUT = 10.0
+EXPOSE_TIMEOUT = 30.0
+BACKOFF_INITIAL = 0.5
+BACKOFF_FACTOR = 2.0
+BACKOFF_CAP = 30.0
+#: Heartbeat settings the relay may ask for are clamped to this range (seconds).
+HEARTBEAT_BOUNDS = (0.1, 3600.0)
+
+_RETRYABLE = (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, LinkClosed,
+              RemoteProtocolError)
+
+log = logging.getLogger("tunnel.client")
+
+
+def backoff(initial: float = BACKOFF_INITIAL, factor: float = BACKOFF_FACTOR,
+            cap: float = BACKOFF_CAP,
+            rand: Callable[[], float] = random.random) -> Iterator[float]:
+    """Delays for successive retries: exponential, capped, each drawn in [d/2, d]."""
+    delay = initial
+    while True:
+        yield delay * (0.5 + rand() / 2)
+        delay = min(cap, delay * factor)
+
+
+class Connector:
+    """The client's main loop around one link at a time."""
+
+    def __init__(self, settings: ClientSettings,
+                 announce: Callable[[str], None] = print) -> None:
+        self.settings = settings
+        self.announce = announce
+        self.key = derive_key(settings.token)
+        self.tunnels: dict[int, ExposeSpec] = dict(enumerate(settings.exposes))
+        self.dialer = Dialer(self.tunnels)
+        self.link: Link | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Return when ``stop`` is set; raise AuthError/ClaimRefused/ConfigError if final."""
+        delays = backoff()
+        while not stop.is_set():
+            established = False
+            try:
+                established = await self._session(stop)
+            except InvalidStatus as exc:
+                if exc.response.status_code == 404:
+                    raise ConfigError("--server", self.settings.server_url,
+                                      "no tunnel relay at this path (HTTP 404)") from exc
+                log.warning("relay %s refused the connection: HTTP %d",
+                            self.settings.server_url, exc.response.status_code)
+            except InvalidURI as exc:
+                raise ConfigError("--server", self.settings.server_url, str(exc)) from exc
+            except _RETRYABLE as exc:
+                log.warning("link to %s lost or not established: %s", self.settings.server_url,
+                            _describe(exc))
+            if established:
+                delays = backoff()
+            if stop.is_set():
+                break
+            delay = next(delays)
+            log.info("reconnecting in %.1fs", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        self.dialer.cancel()
+
+    async def _session(self, stop: asyncio.Event) -> bool:
+        """One link from connect to close; returns whether tunnels went live."""
+        async with connect(self.settings.server_url, compression=None,
+                           max_size=MAX_MESSAGE_SIZE, ping_interval=None,
+                           open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0, proxy=None,
+                           user_agent_header=f"tunnel-client/{__version__}") as ws:
+            link = Link(ws, Mux(Role.CLIENT), name="-", logger=log,
+                        heartbeat_interval=HEARTBEAT_BOUNDS[1],
+                        heartbeat_timeout=HEARTBEAT_BOUNDS[1])
+            await self._login(link)
+            replies: dict[int, asyncio.Future[dict[str, Any]]] = {
+                tid: asyncio.get_running_loop().create_future() for tid in self.tunnels}
+            link.on_control = lambda _link, message: self._on_control(replies, message)
+            link.on_open = self.dialer.on_open
+            self.link = link
+            runner = asyncio.create_task(link.run())
+            try:
+                await self._announce(link, replies, runner)
+                stopper = asyncio.create_task(stop.wait())
+                await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if stop.is_set():
+                    await link.close(GoAwayCode.NORMAL, "client shutting down")
+                await runner
+                if link.close_reason:
+                    log.warning("link closed: %s", link.close_reason)
+                return True
+            finally:
+                self.link = None
+                runner.cancel()
+                with contextlib.suppress(BaseException):
+                    await runner
+
+    async def _login(self, link: Link) -> None:
+        challenge = msg.parse(await link.receive_control(HANDSHAKE_TIMEOUT), msg.CHALLENGE)
+        if challenge["version"] != PROTOCOL_VERSION:
+            raise ConfigError("--server", self.settings.server_url,
+                              f"the relay speaks protocol {challenge['version']}, this client "
+                              f"speaks {PROTOCOL_VERSION}: install matching versions")
+        server_nonce = msg.b64decode(challenge["nonce"], "nonce")
+        if len(server_nonce) != NONCE_SIZE:
+            raise RemoteProtocolError("relay nonce of wrong size")
+        client_nonce = new_nonce()
+        proof = client_proof(self.key, server_nonce, client_nonce)
+        await link.send_now({"type": msg.AUTH, "nonce": msg.b64encode(client_nonce),
+                             "proof": msg.b64encode(proof), "client_version": __version__})
+        reply = msg.parse(await link.receive_control(HANDSHAKE_TIMEOUT),
+                          msg.WELCOME, msg.REFUSED)
+        if reply["type"] == msg.REFUSED:
+            raise AuthError(reply["reason"])
+        low, high = HEARTBEAT_BOUNDS
+        link.name = reply["client"][:64]
+        link.log = logging.LoggerAdapter(log, {"client": link.name})
+        link.heartbeat_interval = min(high, max(low, float(reply["heartbeat_interval"])))
+        link.heartbeat_timeout = min(high, max(low, float(reply["heartbeat_timeout"])))
+        log.info("logged in to %s as %s", self.settings.server_url, link.name)
+
+    async def _announce(self, link: Link, replies: dict[int, asyncio.Future[dict[str, Any]]],
+                        runner: asyncio.Task[None]) -> None:
+        for tid, spec in self.tunnels.items():
+            link.mux.send_control({"type": msg.EXPOSE, "id": tid, "target": spec.target,
+                                   "mode": spec.mode, "port": spec.remote_port})
+        link.kick()
+        waiting: asyncio.Future[Any] = asyncio.gather(*replies.values())
+        watched: set[asyncio.Future[Any]] = {waiting, runner}
+        done, _ = await asyncio.wait(watched, timeout=EXPOSE_TIMEOUT,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if waiting not in done:
+            waiting.cancel()
+            raise LinkClosed(link.close_reason or "the relay did not answer the port claims")
+        refused: ClaimRefused | None = None
+        for tid, future in replies.items():
+            reply = future.result()
+            spec = self.tunnels[tid]
+            if reply["type"] == msg.EXPOSED:
+                self.announce(f"{spec.target} -> {self.settings.server_host}:{reply['port']} "
+                              f"({reply['mode']})")
+            elif refused is None:
+                refused = ClaimRefused(reply["port"], reply["reason"])
+        if refused is not None:
+            await link.close(GoAwayCode.NORMAL, "port claim refused")
+            raise refused
+
+    def _on_control(self, replies: dict[int, asyncio.Future[dict[str, Any]]],
+                    message: dict[str, Any]) -> None:
+        reply = msg.parse(message, msg.EXPOSED, msg.EXPOSE_REFUSED, msg.ERROR)
+        if reply["type"] == msg.ERROR:
+            raise RemoteProtocolError(f"relay error: {reply['message'][:200]}")
+        future = replies.get(reply["id"])
+        if future is None or future.done():
+            raise RemoteProtocolError(f"reply for unknown tunnel id {reply['id']}")
+        future.set_result(reply)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionClosed):
+        return "connection closed"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,482 @@
+"""The asyncio adapter: drives a sans-I/O :class:`Mux` over one websockets connection.
+
+One reader loop feeds received messages to the mux and dispatches its events; one writer
+task ships :meth:`Mux.next_message` output, so the reader never blocks on a full send buffer
+(two readers each waiting for the other's drain would deadlock). A heartbeat task sends PING
+frames and declares the link dead when nothing at all arrived for ``heartbeat_timeout``.
+
+Sockets are joined to streams by :class:`StreamSocket` (an ``asyncio.Protocol``, no task per
+stream): reads are sent only as far as the stream's send window allows, the rest waits with
+reading paused; writes grant credit back only once the transport is below its high-water
+mark, so memory per stream stays bounded by the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from websockets.asyncio.connection import Connection
+from websockets.exceptions import ConnectionClosed
+
+from .errors import RemoteProtocolError
+from .frames import MAX_DATA_PAYLOAD
+from .mux import (
+    ControlReceived,
+    DataReceived,
+    Event,
+    GoAwayCode,
+    GoAwayReceived,
+    Mux,
+    PingReceived,
+    PongReceived,
+    ResetCode,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowOpened,
+)
+
+__all__ = [
+    "LINK_HIGH_WATER",
+    "Link",
+    "LinkClosed",
+    "StreamSocket",
+    "Traffic",
+    "abort_with_reset",
+]
+
+#: Queued DATA bytes on a link above which every stream pauses reading its socket.
+LINK_HIGH_WATER = 1024 * 1024
+LINK_LOW_WATER = LINK_HIGH_WATER // 4
+#: Bytes a stream buffers from its socket beyond what its window lets it send.
+STREAM_READ_LIMIT = MAX_DATA_PAYLOAD
+#: WebSocket close codes used when we end a link.
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY = 1008
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class LinkClosed(Exception):
+    """The link ended while a handshake was waiting for a message."""
+
+
+@dataclass(slots=True)
+class Traffic:
+    """Byte counters updated as data flows (not at close), read by the status page."""
+
+    bytes_in: int = 0  # from the socket into the tunnel
+    bytes_out: int = 0  # from the tunnel out to the socket
+    streams_total: int = 0
+    streams_open: int = 0
+
+
+def abort_with_reset(transport: asyncio.BaseTransport) -> None:
+    """Close a TCP transport with RST, so the far end sees an abort, never a clean EOF."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    cast(asyncio.Transport, transport).abort()
+
+
+class StreamSocket(asyncio.Protocol):
+    """Joins one multiplexed stream to one TCP connection."""
+
+    def __init__(self, link: Link | None = None, stream_id: int = 0,
+                 traffic: Traffic | None = None) -> None:
+        self.link = link
+        self.stream_id = stream_id
+        self.traffic = traffic or Traffic()
+        self.transport: asyncio.Transport | None = None
+        self._backlog = bytearray()  # read from the socket, waiting for send credit
+        self._early: list[bytes | memoryview] = []  # from the link before the socket exists
+        self._local_eof = False  # the socket said EOF
+        self._fin_sent = False
+        self._remote_eof = False  # the peer sent FIN
+        self._reading_paused = False
+        self._write_paused = False
+        self._uncredited = 0
+        self.closed = False
+
+    # ------------------------------------------------------------ attach
+
+    def attach(self, link: Link, stream_id: int) -> None:
+        self.link, self.stream_id = link, stream_id
+        link.streams[stream_id] = self
+        self.traffic.streams_total += 1
+        self.traffic.streams_open += 1
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.closed:
+            abort_with_reset(transport)
+            return
+        early, self._early = self._early, []
+        for chunk in early:
+            self.deliver(chunk)
+        if self._remote_eof:
+            self._remote_eof = False
+            self.remote_eof()
+
+    def data_received(self, data: bytes) -> None:
+        link = self.link
+        if link is None or self.closed:
+            return
+        self.traffic.bytes_in += len(data)
+        if self._backlog:
+            self._backlog += data
+        else:
+            self._send(data)
+        if self._backlog or link.mux.pending_data_bytes > LINK_HIGH_WATER:
+            self._pause_reading(link)
+
+    def eof_received(self) -> bool:
+        self._local_eof = True
+        self._maybe_send_fin()
+        return True  # keep our write half open: the peer may still be sending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_closed, self.closed = self.closed, True
+        link = self.link
+        if link is None or was_closed:
+            return
+        link.forget(self)
+        if self.stream_id in link.mux:
+            link.mux.reset(self.stream_id, ResetCode.ABORTED if exc else ResetCode.CANCEL)
+            link.kick()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._uncredited and self.link is not None:
+            self.link.mux.consumed(self.stream_id, self._uncredited)
+            self._uncredited = 0
+            self.link.kick()
+
+    # ------------------------------------------------------------ events from the link
+
+    def deliver(self, data: bytes | memoryview) -> None:
+        transport = self.transport
+        if transport is None:
+            self._early.append(bytes(data))
+            return
+        size = len(data)
+        transport.write(data)
+        self.traffic.bytes_out += size
+        if self._write_paused:
+            self._uncredited += size
+        elif self.link is not None:
+            self.link.mux.consumed(self.stream_id, size)
+
+    def remote_eof(self) -> None:
+        if self.transport is None:
+            self._remote_eof = True
+            return
+        if self._remote_eof:
+            return
+        self._remote_eof = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._maybe_finish()
+
+    def window_opened(self) -> None:
+        link = self.link
+        if link is None or self.closed:
+            return
+        if self._backlog:
+            data = bytes(self._backlog)
+            self._backlog.clear()
+            self._send(data)
+        if not self._backlog:
+            self._maybe_send_fin()
+            if self._reading_paused and link.mux.pending_data_bytes <= LINK_HIGH_WATER:
+                self._resume_reading()
+
+    def abort(self) -> None:
+        """The stream was reset (by the peer or because the link died)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.link is not None:
+            self.link.forget(self)
+        if self.transport is not None:
+            abort_with_reset(self.transport)
+
+    # ------------------------------------------------------------ internals
+
+    def _send(self, data: bytes | bytearray) -> None:
+        link = self.link
+        assert link is not None
+        window = link.mux.send_window(self.stream_id)
+        view = memoryview(data)
+        offset, total = 0, len(view)
+        while offset < total and window > 0:
+            size = min(total - offset, window, MAX_DATA_PAYLOAD)
+            link.mux.send_data(self.stream_id, view[offset:offset + size])
+            offset += size
+            window -= size
+        if offset < total:
+            self._backlog += view[offset:]
+        link.kick()
+
+    def _maybe_send_fin(self) -> None:
+        if self._local_eof and not self._fin_sent and not self._backlog and self.link:
+            self._fin_sent = True
+            self.link.mux.send_eof(self.stream_id)
+            self.link.kick()
+            self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._fin_sent and self._remote_eof and self.transport is not None:
+            self.closed = True
+            if self.link is not None:
+                self.link.forget(self)
+            self.transport.close()
+
+    def _pause_reading(self, link: Link) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+            link.paused.add(self)
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if self.link is not None:
+            self.link.paused.discard(self)
+
+    def link_drained(self) -> None:
+        """The link's queue fell below the low-water mark."""
+        if not self._backlog:
+            self._resume_reading()
+
+
+OpenHandler = Callable[["Link", StreamOpened], None]
+ControlHandler = Callable[["Link", dict[str, Any]], None]
+
+
+class Link:
+    """One end of a link: a websockets connection, a mux, its streams and timers."""
+
+    def __init__(self, ws: Connection, mux: Mux, *, name: str, logger: logging.Logger,
+                 heartbeat_interval: float, heartbeat_timeout: float,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.ws = ws
+        self.mux = mux
+        self.name = name
+        self.log = logging.LoggerAdapter(logger, {"client": name})
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.clock = clock or asyncio.get_running_loop().time
+        self.streams: dict[int, StreamSocket] = {}
+        self.paused: set[StreamSocket] = set()
+        self.on_open: OpenHandler | None = None
+        self.on_control: ControlHandler | None = None
+        self.last_rx = self.clock()
+        self.rtt: float | None = None
+        self.close_reason = ""
+        self._wake = asyncio.Event()
+        self._ping_ids = itertools.count(1)
+        self._ping_sent: dict[int, float] = {}
+        self._closing = False
+        self._goaway: int | None = None
+
+    # ------------------------------------------------------------ handshake helpers
+
+    async def send_now(self, message: dict[str, Any]) -> None:
+        """Send a control message directly (before :meth:`run` starts the writer)."""
+        self.mux.send_control(message)
+        while (out := self.mux.next_message()) is not None:
+            await self.ws.send(out)
+
+    async def receive_control(self, timeout: float) -> dict[str, Any]:
+        """Wait for the next control message during a handshake; other frames are errors."""
+        try:
+            async with asyncio.timeout(timeout):
+                raw = await self.ws.recv()
+        except ConnectionClosed as exc:
+            raise LinkClosed(str(exc)) from exc
+        if isinstance(raw, str):
+            raise RemoteProtocolError("text message on the link")
+        events = self.mux.receive(raw)
+        if len(events) != 1 or not isinstance(events[0], ControlReceived):
+            raise RemoteProtocolError("expected a control message")
+        return events[0].message
+
+    # ------------------------------------------------------------ running
+
+    def kick(self) -> None:
+        """Output is waiting: wake the writer."""
+        self._wake.set()
+
+    def forget(self, sock: StreamSocket) -> None:
+        if self.streams.get(sock.stream_id) is sock:
+            del self.streams[sock.stream_id]
+            sock.traffic.streams_open -= 1
+        self.paused.discard(sock)
+
+    async def run(self) -> None:
+        """Serve the link until it closes; every stream is aborted when it does."""
+        tasks = [asyncio.create_task(self._write_loop(), name=f"link-writer-{self.name}"),
+                 asyncio.create_task(self._heartbeat_loop(), name=f"link-heartbeat-{self.name}")]
+        try:
+            await self._read_loop()
+        except RemoteProtocolError as exc:
+            self.close_reason = f"protocol error: {exc}"
+            self.log.warning("closing link of %s: %s", self.name, self.close_reason)
+            self.mux.send_goaway(GoAwayCode.PROTOCOL_ERROR)
+            await self._flush_quietly()
+            await self.ws.close(CLOSE_PROTOCOL_ERROR, "protocol error")
+        except ConnectionClosed:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._abort_streams()
+            if not self.ws.transport.is_closing():
+                self.ws.transport.abort()
+
+    async def close(self, code: GoAwayCode = GoAwayCode.NORMAL, reason: str = "") -> None:
+        """End the link politely: GOAWAY, then a WebSocket close."""
+        if self._closing:
+            return
+        self._closing = True
+        self.close_reason = reason or code.name.lower()
+        self.mux.send_goaway(code)
+        await self._flush_quietly()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(CLOSE_GOING_AWAY, reason[:100]), 2.0)
+
+    def abort(self, reason: str) -> None:
+        """Drop the link at once (dead peer, replaced session)."""
+        self.close_reason = reason
+        self.ws.transport.abort()
+
+    @property
+    def goaway_code(self) -> int | None:
+        return self._goaway
+
+    # ------------------------------------------------------------ loops
+
+    async def _read_loop(self) -> None:
+        ws = self.ws
+        mux = self.mux
+        while True:
+            message = await ws.recv()
+            if isinstance(message, str):
+                raise RemoteProtocolError("text message on the link")
+            self.last_rx = self.clock()
+            for event in mux.receive(message):
+                self._dispatch(event)
+            if mux.has_output():
+                self._wake.set()
+
+    def _dispatch(self, event: Event) -> None:
+        streams = self.streams
+        if isinstance(event, DataReceived):
+            sock = streams.get(event.stream_id)
+            if sock is not None:
+                sock.deliver(event.data)
+        elif isinstance(event, WindowOpened):
+            sock = streams.get(event.stream_id)
+            if sock is not None:
+                sock.window_opened()
+        elif isinstance(event, StreamEnded):
+            sock = streams.get(event.stream_id)
+            if sock is not None:
+                sock.remote_eof()
+        elif isinstance(event, StreamReset):
+            sock = streams.get(event.stream_id)
+            if sock is not None:
+                sock.abort()
+        elif isinstance(event, StreamOpened):
+            if self.on_open is None:
+                raise RemoteProtocolError("unexpected OPEN")
+            self.on_open(self, event)
+        elif isinstance(event, ControlReceived):
+            if self.on_control is None:
+                raise RemoteProtocolError("unexpected control message")
+            self.on_control(self, event.message)
+        elif isinstance(event, PongReceived):
+            sent = self._ping_sent.pop(event.value, None)
+            if sent is not None:
+                self.rtt = self.clock() - sent
+        elif isinstance(event, GoAwayReceived):
+            self._goaway = event.code
+            self.close_reason = f"peer sent goaway ({_goaway_name(event.code)})"
+        elif isinstance(event, PingReceived):
+            pass  # the mux already queued the reply
+
+    async def _write_loop(self) -> None:
+        ws = self.ws
+        mux = self.mux
+        wake = self._wake
+        while True:
+            await wake.wait()
+            wake.clear()
+            while (message := mux.next_message()) is not None:
+                await ws.send(message)
+                if self.paused and mux.pending_data_bytes <= LINK_LOW_WATER:
+                    for sock in list(self.paused):
+                        sock.link_drained()
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            now = self.clock()
+            if now - self.last_rx > self.heartbeat_timeout:
+                self.log.warning("link of %s silent for %.1fs: declaring it dead",
+                                 self.name, now - self.last_rx)
+                self.abort("heartbeat timeout")
+                return
+            ping_id = next(self._ping_ids) & 0xFFFFFFFF
+            self._ping_sent = {k: v for k, v in self._ping_sent.items()
+                               if now - v < self.heartbeat_timeout}
+            self._ping_sent[ping_id] = now
+            self.mux.send_ping(ping_id)
+            self.kick()
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                while (message := self.mux.next_message()) is not None:
+                    await self.ws.send(message)
+
+    def _abort_streams(self) -> None:
+        self.mux.reset_all()
+        for sock in list(self.streams.values()):
+            sock.abort()
+        self.streams.clear()
+        self.paused.clear()
+
+
+def _goaway_name(code: int) -> str:
+    try:
+        return GoAwayCode(code).name.lower()
+    except ValueError:
+        return str(code)
+

@@ -1,0 +1,413 @@
+"""Sans-I/O stream multiplexer: the stream table, credit windows and limits of one link.
+
+No sockets, no event loop, no clock. The I/O layer feeds each received link message to
+:meth:`Mux.receive` and gets back a list of events; it calls :meth:`Mux.send_data`,
+:meth:`Mux.send_eof`, :meth:`Mux.reset` and :meth:`Mux.consumed` as its sockets produce and
+absorb bytes, and ships each message :meth:`Mux.next_message` returns.
+
+Flow control follows yamux with credit granted on *consumption* (rust-yamux OnRead): a
+receiver grants credit back only once the bytes left its buffer (written to the local socket),
+so a slow reader stalls its own stream and nothing else, and memory per stream is bounded by
+the window. Credit is batched: an update is sent once half the window has been consumed.
+
+Only the relay opens streams (a visitor connected to a public port); stream ids are odd and
+strictly increasing, and an OPEN from the client is a protocol error.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LocalProtocolError, RemoteProtocolError
+from .frames import (
+    MAX_DATA_PAYLOAD,
+    MAX_MESSAGE_SIZE,
+    MAX_OPEN_PAYLOAD,
+    MAX_WINDOW,
+    Flag,
+    Frame,
+    FrameType,
+    decode_frames,
+    encode_data,
+    encode_frame,
+)
+
+__all__ = [
+    "DEFAULT_MAX_STREAMS",
+    "INITIAL_WINDOW",
+    "ControlReceived",
+    "DataReceived",
+    "Event",
+    "GoAwayCode",
+    "GoAwayReceived",
+    "Mux",
+    "PingReceived",
+    "PongReceived",
+    "ResetCode",
+    "Role",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamReset",
+    "WindowOpened",
+]
+
+#: Send window every stream starts with, on both sides (the wire spec fixes it).
+INITIAL_WINDOW = 256 * 1024
+#: Streams one link may hold at once; an OPEN beyond it is answered with RESET(REFUSED).
+DEFAULT_MAX_STREAMS = 256
+#: OPEN payload: tunnel id, then the visitor address as UTF-8.
+HEADER_OPEN = struct.Struct("!I")
+MAX_PEER_BYTES = MAX_OPEN_PAYLOAD - HEADER_OPEN.size
+
+
+class Role(enum.Enum):
+    RELAY = "relay"  # opens streams (odd ids)
+    CLIENT = "client"  # accepts them
+
+
+class ResetCode(enum.IntEnum):
+    CANCEL = 0  # the local side went away without error
+    REFUSED = 1  # the target could not be reached, or a limit was hit
+    ABORTED = 2  # a socket failed or was reset mid-stream
+    FLOW_CONTROL = 3  # the peer overran the receive window
+    LINK_LOST = 4  # the link carrying the stream ended
+
+
+class GoAwayCode(enum.IntEnum):
+    NORMAL = 0
+    PROTOCOL_ERROR = 1
+    INTERNAL_ERROR = 2
+    REPLACED = 3  # a newer link of the same client took over
+    SHUTDOWN = 4  # the peer is shutting down
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass(slots=True)
+class StreamOpened:
+    stream_id: int
+    tunnel_id: int
+    peer: str
+
+
+@dataclass(slots=True)
+class DataReceived:
+    stream_id: int
+    data: bytes | memoryview
+
+
+@dataclass(slots=True)
+class StreamEnded:
+    """The peer half-closed: no more data will arrive on this stream."""
+
+    stream_id: int
+
+
+@dataclass(slots=True)
+class StreamReset:
+    stream_id: int
+    code: int
+
+
+@dataclass(slots=True)
+class WindowOpened:
+    """Send credit arrived for a stream that the pump may be waiting on."""
+
+    stream_id: int
+
+
+@dataclass(slots=True)
+class ControlReceived:
+    message: dict[str, Any]
+
+
+@dataclass(slots=True)
+class PingReceived:
+    value: int
+
+
+@dataclass(slots=True)
+class PongReceived:
+    value: int
+
+
+@dataclass(slots=True)
+class GoAwayReceived:
+    code: int
+
+
+Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | WindowOpened
+         | ControlReceived | PingReceived | PongReceived | GoAwayReceived)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass(slots=True)
+class _Stream:
+    send_window: int = INITIAL_WINDOW
+    recv_window: int = INITIAL_WINDOW  # bytes the peer may still send before our next grant
+    unacked: int = 0  # consumed bytes not yet granted back
+    local_ended: bool = False
+    remote_ended: bool = False
+
+
+@dataclass
+class Mux:
+    """The multiplexer state of one link end."""
+
+    role: Role
+    max_streams: int = DEFAULT_MAX_STREAMS
+    window: int = INITIAL_WINDOW
+    _streams: dict[int, _Stream] = field(default_factory=dict)
+    _urgent: list[bytes] = field(default_factory=list)
+    _data: deque[bytes] = field(default_factory=deque)
+    #: Bytes of DATA frames queued but not yet taken by :meth:`next_message`.
+    pending_data_bytes: int = 0
+    _last_id: int = 0
+    #: Frames for streams already gone (drained, counted; see reliability B-4).
+    stray_frames: int = 0
+
+    # ------------------------------------------------------------------ outputs
+
+    def next_message(self) -> bytes | None:
+        """The next link message to send, or None when nothing is queued.
+
+        Control frames (window updates, pings, resets, opens, control messages) go first, so
+        a link full of bulk data never starves heartbeats or credit; DATA frames keep their
+        order and several share one message up to the message cap.
+        """
+        if self._urgent:
+            urgent, self._urgent = self._urgent, []
+            return urgent[0] if len(urgent) == 1 else b"".join(urgent)
+        data = self._data
+        if not data:
+            return None
+        first = data.popleft()
+        size = len(first)
+        if not data or size + len(data[0]) > MAX_MESSAGE_SIZE:
+            self.pending_data_bytes -= size
+            return first
+        batch = [first]
+        while data and size + len(data[0]) <= MAX_MESSAGE_SIZE:
+            frame = data.popleft()
+            size += len(frame)
+            batch.append(frame)
+        self.pending_data_bytes -= size
+        return b"".join(batch)
+
+    def has_output(self) -> bool:
+        return bool(self._urgent or self._data)
+
+    def _queue_data(self, frame: bytes) -> None:
+        self._data.append(frame)
+        self.pending_data_bytes += len(frame)
+
+    # ------------------------------------------------------------------ queries
+
+    def __contains__(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def send_window(self, stream_id: int) -> int:
+        stream = self._streams.get(stream_id)
+        return stream.send_window if stream is not None and not stream.local_ended else 0
+
+    # ------------------------------------------------------------------ commands
+
+    def open_stream(self, tunnel_id: int, peer: str) -> int:
+        """Open a stream towards the client for a visitor of tunnel ``tunnel_id``."""
+        if self.role is not Role.RELAY:
+            raise LocalProtocolError("only the relay opens streams")
+        if len(self._streams) >= self.max_streams:
+            raise LocalProtocolError("stream limit reached")
+        stream_id = self._last_id + 2 if self._last_id else 1
+        if stream_id > 0xFFFFFFFF:
+            raise LocalProtocolError("stream ids exhausted")
+        self._last_id = stream_id
+        self._streams[stream_id] = _Stream()
+        payload = HEADER_OPEN.pack(tunnel_id) + peer.encode("utf-8", "replace")[:MAX_PEER_BYTES]
+        self._urgent.append(encode_frame(Frame(FrameType.OPEN, stream_id, payload=payload)))
+        return stream_id
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue DATA; ``len(data)`` must fit the send window and the frame cap."""
+        stream = self._live(stream_id)
+        if stream.local_ended:
+            raise LocalProtocolError(f"stream {stream_id}: data after FIN")
+        size = len(data)
+        if size > stream.send_window or size > MAX_DATA_PAYLOAD:
+            raise LocalProtocolError(f"stream {stream_id}: {size} bytes exceed window or cap")
+        if size == 0:
+            return
+        stream.send_window -= size
+        self._queue_data(encode_data(stream_id, data))
+
+    def send_eof(self, stream_id: int) -> None:
+        """Half-close our direction (FIN); the stream is freed once both sides ended."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_ended:
+            return
+        stream.local_ended = True
+        self._queue_data(encode_data(stream_id, b"", fin=True))
+        self._maybe_free(stream_id, stream)
+
+    def reset(self, stream_id: int, code: ResetCode = ResetCode.ABORTED) -> None:
+        """Abort a stream in both directions; unknown or finished streams are ignored."""
+        if self._streams.pop(stream_id, None) is None:
+            return
+        self._urgent.append(encode_frame(Frame(FrameType.RESET, stream_id, value=code)))
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """Bytes of a stream left our buffers: grant them back in batches."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.remote_ended:
+            return
+        stream.unacked += size
+        if stream.unacked >= self.window // 2:
+            grant, stream.unacked = stream.unacked, 0
+            stream.recv_window += grant
+            update = Frame(FrameType.WINDOW_UPDATE, stream_id, value=grant)
+            self._urgent.append(encode_frame(update))
+
+    def send_control(self, message: dict[str, Any]) -> None:
+        payload = json.dumps(message, separators=(",", ":")).encode("utf-8")
+        self._urgent.append(encode_frame(Frame(FrameType.CONTROL, payload=payload)))
+
+    def send_ping(self, value: int) -> None:
+        self._urgent.append(encode_frame(Frame(FrameType.PING, value=value & 0xFFFFFFFF)))
+
+    def send_goaway(self, code: GoAwayCode) -> None:
+        self._urgent.append(encode_frame(Frame(FrameType.GOAWAY, value=code)))
+
+    def reset_all(self) -> list[int]:
+        """Forget every stream (the link is gone); returns their ids for the I/O layer."""
+        ids = list(self._streams)
+        self._streams.clear()
+        return ids
+
+    # ------------------------------------------------------------------ input
+
+    def receive(self, message: bytes | bytearray | memoryview) -> list[Event]:
+        """Process one link message; raise RemoteProtocolError if the peer broke the rules."""
+        events: list[Event] = []
+        for frame in decode_frames(message):
+            _HANDLERS[frame.type](self, frame, events)
+        return events
+
+    def _on_data(self, frame: Frame, events: list[Event]) -> None:
+        sid = frame.stream_id
+        stream = self._streams.get(sid)
+        if stream is None:
+            self._check_known_id(sid)
+            self.stray_frames += 1
+            return
+        if stream.remote_ended:
+            raise RemoteProtocolError(f"stream {sid}: data after FIN")
+        size = len(frame.payload)
+        if size > stream.recv_window:
+            # Overrunning the window resets the stream, not the link (reliability B-5).
+            self.reset(sid, ResetCode.FLOW_CONTROL)
+            events.append(StreamReset(sid, ResetCode.FLOW_CONTROL))
+            return
+        fin = bool(frame.flags & Flag.FIN)
+        if size == 0 and not fin:
+            raise RemoteProtocolError(f"stream {sid}: empty DATA without FIN")
+        stream.recv_window -= size
+        if size:
+            events.append(DataReceived(sid, frame.payload))
+        if fin:
+            stream.remote_ended = True
+            self._maybe_free(sid, stream)
+            events.append(StreamEnded(sid))
+
+    def _on_window(self, frame: Frame, events: list[Event]) -> None:
+        stream = self._streams.get(frame.stream_id)
+        if stream is None:
+            self._check_known_id(frame.stream_id)
+            return
+        if stream.send_window + frame.value > MAX_WINDOW:
+            raise RemoteProtocolError(f"stream {frame.stream_id}: window above {MAX_WINDOW}")
+        stream.send_window += frame.value
+        if not stream.local_ended:
+            events.append(WindowOpened(frame.stream_id))
+
+    def _on_open(self, frame: Frame, events: list[Event]) -> None:
+        if self.role is Role.RELAY:
+            raise RemoteProtocolError("the client may not open streams")
+        sid = frame.stream_id
+        if sid % 2 == 0 or sid <= self._last_id:
+            raise RemoteProtocolError(f"stream id {sid} reused, not increasing or wrong parity")
+        self._last_id = sid
+        if len(frame.payload) < HEADER_OPEN.size:
+            raise RemoteProtocolError("OPEN payload too short")
+        (tunnel_id,) = HEADER_OPEN.unpack_from(frame.payload)
+        peer = bytes(frame.payload[HEADER_OPEN.size:]).decode("utf-8", "replace")
+        if len(self._streams) >= self.max_streams:
+            self._urgent.append(encode_frame(Frame(FrameType.RESET, sid, value=ResetCode.REFUSED)))
+            return
+        self._streams[sid] = _Stream()
+        events.append(StreamOpened(sid, tunnel_id, peer))
+
+    def _on_reset(self, frame: Frame, events: list[Event]) -> None:
+        if self._streams.pop(frame.stream_id, None) is None:
+            self._check_known_id(frame.stream_id)
+            return
+        events.append(StreamReset(frame.stream_id, frame.value))
+
+    def _on_ping(self, frame: Frame, events: list[Event]) -> None:
+        if frame.flags & Flag.ACK:
+            events.append(PongReceived(frame.value))
+            return
+        self._urgent.append(encode_frame(Frame(FrameType.PING, flags=Flag.ACK, value=frame.value)))
+        events.append(PingReceived(frame.value))
+
+    def _on_goaway(self, frame: Frame, events: list[Event]) -> None:
+        events.append(GoAwayReceived(frame.value))
+
+    def _on_control(self, frame: Frame, events: list[Event]) -> None:
+        try:
+            message = json.loads(bytes(frame.payload))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RemoteProtocolError("CONTROL payload is not JSON") from exc
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise RemoteProtocolError("CONTROL payload must be an object with a type")
+        events.append(ControlReceived(message))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _live(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise LocalProtocolError(f"stream {stream_id} is not open")
+        return stream
+
+    def _check_known_id(self, stream_id: int) -> None:
+        """Frames for a stream that existed are drained; for one never opened, fatal."""
+        if stream_id % 2 == 0 or stream_id > self._last_id:
+            raise RemoteProtocolError(f"frame for stream {stream_id} that was never opened")
+
+    def _maybe_free(self, stream_id: int, stream: _Stream) -> None:
+        if stream.local_ended and stream.remote_ended:
+            del self._streams[stream_id]
+
+
+_Handler = Callable[[Mux, Frame, list[Event]], None]
+_HANDLERS: dict[FrameType, _Handler] = {
+    FrameType.DATA: Mux._on_data,
+    FrameType.WINDOW_UPDATE: Mux._on_window,
+    FrameType.OPEN: Mux._on_open,
+    FrameType.RESET: Mux._on_reset,
+    FrameType.PING: Mux._on_ping,
+    FrameType.GOAWAY: Mux._on_goaway,
+    FrameType.CONTROL: Mux._on_control,
+}

@@ -1,0 +1,87 @@
+"""``tunnel-server``: run the relay.
+
+Exit codes: 0 after a graceful shutdown (SIGTERM/SIGINT) or a passing ``--check``; 1 when a
+socket cannot be bound; 2 for a configuration error (nothing is bound then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..common.config import ServerConfig, load_server_config
+from ..common.errors import ConfigError
+from ..common.runtime import run, setup_logging
+from .app import Relay
+from .leases import LeaseStoreError
+
+__all__ = ["EXIT_BIND", "EXIT_CONFIG", "main"]
+
+EXIT_BIND = 1
+EXIT_CONFIG = 2
+PROG = "tunnel-server"
+
+log = logging.getLogger("tunnel.server")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Relay: accepts tunnel clients and publishes their ports.")
+    parser.add_argument("--config", "-c", required=True, metavar="FILE",
+                        help="server.yaml (see README: configuration reference)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the configuration and exit (0 when valid)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        help="overrides log_level from the config")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_server_config(args.config)
+    except ConfigError as exc:
+        print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        print(f"{PROG}: {args.config}: configuration OK ({len(config.clients)} clients, "
+              f"ports {config.ports.describe()})")
+        return 0
+    setup_logging(args.log_level or config.log_level)
+    return run(_serve(config))
+
+
+async def _serve(config: ServerConfig) -> int:
+    try:
+        relay = Relay(config)
+    except LeaseStoreError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    try:
+        await relay.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.listen_host, config.listen_port,
+                  exc.strerror or exc)
+        await relay.stop(drain_timeout=0)
+        return EXIT_BIND
+    print(f"{PROG}: listening on {relay.url}", flush=True)
+    log.info("relay %s ready: control %s, public ports %s on %s", __version__, relay.url,
+             config.ports.describe(), config.public_host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await relay.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

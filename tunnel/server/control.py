@@ -1,0 +1,213 @@
+"""Accepting links: pre-auth limits, the challenge-response login, then port claims.
+
+Until a peer has proven its token it gets a small message cap, a handshake deadline and one
+of a capped number of pre-auth slots; failures feed the per-source penalty table. A failed
+login always gets the same answer, ``authentication failed``, whatever was wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+from .. import __version__
+from ..common import messages as msg
+from ..common.auth import NONCE_SIZE, PROOF_SIZE, identify, new_nonce
+from ..common.errors import ClaimRefused, RemoteProtocolError
+from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
+from ..common.link import Link, LinkClosed
+from ..common.mux import Mux, Role
+from .listeners import bind_public_port, port_is_free
+
+if TYPE_CHECKING:
+    from .app import Relay
+
+__all__ = ["AUTH_FAILED", "HANDSHAKE_TIMEOUT", "PRE_AUTH_MAX_MESSAGE", "ControlHandler"]
+
+HANDSHAKE_TIMEOUT = 5.0
+#: Largest message accepted before the peer authenticated.
+PRE_AUTH_MAX_MESSAGE = 4096
+AUTH_FAILED = "authentication failed"
+CLOSE_AUTH_FAILED = 1008
+CLOSE_TRY_LATER = 1013
+
+log = logging.getLogger("tunnel.server.control")
+
+
+class ControlHandler:
+    """The websockets handler of the relay's control listener."""
+
+    def __init__(self, relay: Relay, clock: Callable[[], float] = time.time) -> None:
+        self.relay = relay
+        self.clock = clock
+        self._claim_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------ before the upgrade
+
+    def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        """Refuse wrong paths and penalised sources before any WebSocket work."""
+        path = request.path.split("?", 1)[0]
+        if path != self.relay.config.path:
+            return ws.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+        source = _source(ws)
+        wait = self.relay.penalties.retry_after(source)
+        if wait > 0:
+            response = ws.respond(HTTPStatus.TOO_MANY_REQUESTS, "Too Many Requests\n")
+            response.headers["Retry-After"] = str(int(wait) + 1)
+            return response
+        return None
+
+    # ------------------------------------------------------------ the link
+
+    async def __call__(self, ws: ServerConnection) -> None:
+        source = _source(ws)
+        relay = self.relay
+        if not relay.preauth.acquire(source):
+            log.warning("too many unauthenticated connections: refusing %s", source)
+            await ws.close(CLOSE_TRY_LATER, "try again later")
+            return
+        try:
+            ws.protocol.max_message_size = PRE_AUTH_MAX_MESSAGE
+            link = Link(ws, Mux(Role.RELAY), name="?", logger=log,
+                        heartbeat_interval=relay.config.heartbeat_interval,
+                        heartbeat_timeout=relay.config.heartbeat_timeout)
+            hello = await self._login(link, source)
+        finally:
+            relay.preauth.release(source)
+        if hello is None:
+            return
+        name, version = hello
+        ws.protocol.max_message_size = MAX_MESSAGE_SIZE
+        await self._serve(link, name, version, source)
+
+    async def _login(self, link: Link, source: str) -> tuple[str, str] | None:
+        """Run the challenge-response; return (client name, version) or None if refused."""
+        nonce = new_nonce()
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                await link.send_now({"type": msg.CHALLENGE, "version": PROTOCOL_VERSION,
+                                     "nonce": msg.b64encode(nonce),
+                                     "server_version": __version__})
+                auth = msg.parse(await link.receive_control(HANDSHAKE_TIMEOUT), msg.AUTH)
+                client_nonce = msg.b64decode(auth["nonce"], "nonce")
+                proof = msg.b64decode(auth["proof"], "proof")
+                if len(client_nonce) != NONCE_SIZE or len(proof) != PROOF_SIZE:
+                    raise RemoteProtocolError("nonce or proof of wrong size")
+        except (TimeoutError, RemoteProtocolError, LinkClosed, OSError) as exc:
+            log.info("login from %s abandoned: %s", source, _describe(exc))
+            self.relay.penalties.failed(source)
+            await _close_quietly(link, CLOSE_AUTH_FAILED, "handshake failed")
+            return None
+        name = identify(proof, nonce, client_nonce, self.relay.keys)
+        if name is None:
+            self.relay.penalties.failed(source)
+            log.warning("login refused from %s: %s", source, AUTH_FAILED)
+            with contextlib.suppress(Exception):  # the peer may already be gone
+                await link.send_now({"type": msg.REFUSED, "reason": AUTH_FAILED})
+            await _close_quietly(link, CLOSE_AUTH_FAILED, AUTH_FAILED)
+            return None
+        self.relay.penalties.succeeded(source)
+        return name, str(auth["client_version"])[:64]
+
+    async def _serve(self, link: Link, name: str, version: str, source: str) -> None:
+        relay = self.relay
+        link.name = name
+        link.log = logging.LoggerAdapter(log, {"client": name})
+        old = relay.registry.attach(name, link, source, version, self.clock())
+        if old is not None:
+            log.info("client %s: new login from %s replaces its previous link", name, source)
+            old.abort("replaced by a newer login")
+        relay.leases.mark_online(name)
+        link.on_control = self._on_control
+        await link.send_now({"type": msg.WELCOME, "client": name,
+                             "heartbeat_interval": relay.config.heartbeat_interval,
+                             "heartbeat_timeout": relay.config.heartbeat_timeout})
+        log.info("client %s online from %s (version %s)", name, source, version)
+        try:
+            await link.run()
+        finally:
+            relay.leases.mark_offline(name)
+            if relay.registry.detach(name, link, self.clock()):
+                reason = link.close_reason or "link closed"
+                log.info("client %s offline: %s", name, reason)
+
+    # ------------------------------------------------------------ claims
+
+    def _on_control(self, link: Link, message: dict[str, Any]) -> None:
+        request = msg.parse(message, msg.EXPOSE)
+        task = asyncio.create_task(self._expose(link, request))
+        self.relay.background.add(task)
+        task.add_done_callback(self.relay.background.discard)
+
+    async def _expose(self, link: Link, request: dict[str, Any]) -> None:
+        tunnel_id, target, mode = request["id"], request["target"], request["mode"]
+        port = request["port"]
+        try:
+            async with self._claim_lock:
+                bound = await self._claim(link.name, mode, port, target)
+        except ClaimRefused as refused:
+            link.log.warning("client %s: %s", link.name, refused)
+            link.mux.send_control({"type": msg.EXPOSE_REFUSED, "id": tunnel_id,
+                                   "port": refused.port, "reason": refused.reason})
+            link.kick()
+            return
+        if self.relay.registry.clients[link.name].link is not link:
+            return  # the link was replaced while we were binding
+        self.relay.registry.route(bound, link.name, link, tunnel_id, mode, target)
+        link.log.info("client %s: tunnel %s -> port %d (%s) live", link.name, target, bound, mode)
+        link.mux.send_control({"type": msg.EXPOSED, "id": tunnel_id, "port": bound,
+                               "mode": mode})
+        link.kick()
+
+    async def _claim(self, name: str, mode: str, port: int | None, target: str) -> int:
+        relay = self.relay
+        host = relay.config.public_host
+        if mode == "fixed" and isinstance(port, int):
+            lease, created = relay.leases.claim_fixed(name, port, target)
+        elif mode == "auto":
+            def usable(candidate: int) -> bool:
+                return candidate in relay.servers or port_is_free(host, candidate)
+            lease, created = relay.leases.claim_auto(name, target, usable)
+        else:
+            raise ClaimRefused(port, f"unknown mode {mode[:16]!r}: expected fixed or auto")
+        if lease.port in relay.servers:
+            return lease.port
+        record = relay.registry.reserve(lease.port, name, lease.kind, target)
+        try:
+            relay.servers[lease.port] = await bind_public_port(host, lease.port, record)
+        except OSError as exc:
+            relay.registry.drop(lease.port)
+            if created:
+                relay.leases.release(lease.port)
+            raise ClaimRefused(lease.port, "already in use by another program on the relay"
+                               f" ({exc.strerror or exc})") from exc
+        return lease.port
+
+
+def _source(ws: ServerConnection) -> str:
+    peer = ws.remote_address
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "handshake timeout"
+    return str(exc) or type(exc).__name__
+
+
+async def _close_quietly(link: Link, code: int, reason: str) -> None:
+    try:
+        async with asyncio.timeout(1.0):
+            await link.ws.close(code, reason)
+    except Exception:  # closing a misbehaving peer must never raise
+        link.ws.transport.abort()
+
+

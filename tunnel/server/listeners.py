@@ -1,0 +1,72 @@
+"""Public listeners: one per leased port, accepting visitors onto the owner's link.
+
+A listener stays bound for as long as its lease exists, also while the owner is offline:
+the port keeps belonging to that client (no other program can grab it), and a visitor who
+arrives meanwhile is reset at once instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+
+from ..common.errors import LocalProtocolError
+from ..common.link import StreamSocket, abort_with_reset
+from .registry import TunnelRecord
+
+__all__ = ["LISTEN_BACKLOG", "VisitorSocket", "bind_public_port", "port_is_free"]
+
+LISTEN_BACKLOG = 512
+log = logging.getLogger("tunnel.server.listeners")
+
+
+class VisitorSocket(StreamSocket):
+    """A visitor's connection: opens a stream on the owner's live link when it arrives."""
+
+    def __init__(self, tunnel: TunnelRecord) -> None:
+        super().__init__(traffic=tunnel.traffic)
+        self.tunnel = tunnel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        link = self.tunnel.link
+        if link is None:
+            self.closed = True  # owner offline: refuse at once
+            abort_with_reset(transport)
+            return
+        peer = transport.get_extra_info("peername")
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        try:
+            stream_id = link.mux.open_stream(self.tunnel.tunnel_id, address)
+        except LocalProtocolError as exc:
+            link.log.warning("port %d: visitor %s refused: %s", self.tunnel.port, address, exc)
+            self.closed = True
+            abort_with_reset(transport)
+            return
+        self.attach(link, stream_id)
+        link.kick()
+        super().connection_made(transport)
+
+
+async def bind_public_port(host: str, port: int, tunnel: TunnelRecord) -> asyncio.Server:
+    """Bind ``port``; raises OSError when another program holds it."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: VisitorSocket(tunnel), host, port,
+                                    backlog=LISTEN_BACKLOG, reuse_address=True)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether another program holds ``port`` (a quick bind probe for auto allocation)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+

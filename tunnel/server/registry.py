@@ -1,0 +1,108 @@
+"""Live state of the relay: clients, their links and tunnels, and byte counters.
+
+This is the single source the status page and admin API will read. It holds no sockets of
+its own beyond references; the control and listener modules change it, always from the
+event loop, so no locking is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..common.link import Link, Traffic
+
+__all__ = ["ClientRecord", "Registry", "TunnelRecord"]
+
+TunnelMode = Literal["fixed", "auto"]
+
+
+@dataclass
+class TunnelRecord:
+    """One public port. It outlives links: while its owner is offline ``link`` is None."""
+
+    port: int
+    client: str
+    mode: TunnelMode
+    target: str
+    traffic: Traffic = field(default_factory=Traffic)
+    link: Link | None = None
+    tunnel_id: int = 0  # the owner's id for this tunnel on ``link``
+
+
+@dataclass
+class ClientRecord:
+    name: str
+    link: Link | None = None
+    address: str = ""
+    version: str = ""
+    connected_since: float | None = None
+    last_seen: float | None = None
+    logins: int = 0
+
+
+class Registry:
+    """Clients by name and tunnels by public port."""
+
+    def __init__(self) -> None:
+        self.clients: dict[str, ClientRecord] = {}
+        self.tunnels: dict[int, TunnelRecord] = {}
+
+    def client(self, name: str) -> ClientRecord:
+        record = self.clients.get(name)
+        if record is None:
+            record = self.clients[name] = ClientRecord(name)
+        return record
+
+    def attach(self, name: str, link: Link, address: str, version: str,
+               now: float) -> Link | None:
+        """Make ``link`` the live link of ``name``; return the link it replaces, if any."""
+        record = self.client(name)
+        old = record.link
+        if old is not None:
+            self._unroute(old)
+        record.link = link
+        record.address = address
+        record.version = version
+        record.connected_since = now
+        record.last_seen = now
+        record.logins += 1
+        return old
+
+    def detach(self, name: str, link: Link, now: float) -> bool:
+        """Forget ``link`` if it is still the live one; return whether it was."""
+        record = self.clients.get(name)
+        self._unroute(link)
+        if record is None or record.link is not link:
+            return False
+        record.link = None
+        record.connected_since = None
+        record.last_seen = now
+        return True
+
+    def route(self, port: int, name: str, link: Link, tunnel_id: int, mode: TunnelMode,
+              target: str) -> TunnelRecord:
+        record = self.tunnels.get(port)
+        if record is None or record.client != name:
+            record = self.tunnels[port] = TunnelRecord(port, name, mode, target)
+        record.mode, record.target = mode, target
+        record.link, record.tunnel_id = link, tunnel_id
+        return record
+
+    def reserve(self, port: int, name: str, mode: TunnelMode, target: str) -> TunnelRecord:
+        """A leased port whose owner is not connected yet (relay start-up)."""
+        record = self.tunnels.get(port)
+        if record is None:
+            record = self.tunnels[port] = TunnelRecord(port, name, mode, target)
+        return record
+
+    def drop(self, port: int) -> None:
+        self.tunnels.pop(port, None)
+
+    def online(self) -> list[ClientRecord]:
+        return [c for c in self.clients.values() if c.link is not None]
+
+    def _unroute(self, link: Link) -> None:
+        for record in self.tunnels.values():
+            if record.link is link:
+                record.link = None

@@ -74,12 +74,14 @@ class Connector:
         self.tunnels: dict[int, ExposeSpec] = dict(enumerate(settings.exposes))
         self.dialer = Dialer(self.tunnels)
         self.link: Link | None = None
+        self.replaced = False  # the last link ended because a newer login took over
 
     async def run(self, stop: asyncio.Event) -> None:
         """Return when ``stop`` is set; raise AuthError/ClaimRefused/ConfigError if final."""
         delays = backoff()
         while not stop.is_set():
             established = False
+            self.replaced = False
             try:
                 established = await self._session(stop)
             except InvalidStatus as exc:
@@ -98,6 +100,10 @@ class Connector:
             if stop.is_set():
                 break
             delay = next(delays)
+            if self.replaced:
+                log.error("another client logged in with this token and replaced this one; "
+                          "two machines must not share a token")
+                delay = BACKOFF_CAP
             log.info("reconnecting in %.1fs", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
@@ -127,7 +133,8 @@ class Connector:
                 if stop.is_set():
                     await link.close(GoAwayCode.NORMAL, "client shutting down")
                 await runner
-                if link.close_reason:
+                self.replaced = link.goaway_code == GoAwayCode.REPLACED
+                if link.close_reason and not stop.is_set():
                     log.warning("link closed: %s", link.close_reason)
                 return True
             finally:

@@ -24,7 +24,7 @@ from ..common.auth import NONCE_SIZE, PROOF_SIZE, identify, new_nonce
 from ..common.errors import ClaimRefused, RemoteProtocolError
 from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed
-from ..common.mux import Mux, Role
+from ..common.mux import GoAwayCode, Mux, Role
 from .listeners import bind_public_port, port_is_free
 
 if TYPE_CHECKING:
@@ -123,8 +123,12 @@ class ControlHandler:
         link.log = logging.LoggerAdapter(log, {"client": name})
         old = relay.registry.attach(name, link, source, version, self.clock())
         if old is not None:
+            # Newest wins at once (no "port already used" window); the old link is told why
+            # so a second live machine with the same token backs off instead of flapping.
             log.info("client %s: new login from %s replaces its previous link", name, source)
-            old.abort("replaced by a newer login")
+            task = asyncio.create_task(old.close(GoAwayCode.REPLACED, "replaced by a newer login"))
+            relay.background.add(task)
+            task.add_done_callback(relay.background.discard)
         relay.leases.mark_online(name)
         link.on_control = self._on_control
         await link.send_now({"type": msg.WELCOME, "client": name,

@@ -218,8 +218,15 @@ def test_size_cap_applies_to_text() -> None:
 
 
 def test_yaml_scalars_keep_safe_load_meaning() -> None:
-    data = load_yaml_text("a: on\nb: 0x1F90\nc: '0x1F90'\nd: ~\ne: 1.5\nf: no\n", "t.yaml")
+    data = load_yaml_text("a: on\nb: 8080\nc: '0x1F90'\nd: ~\ne: 1.5\nf: no\n", "t.yaml")
     assert data == {"a": True, "b": 8080, "c": "0x1F90", "d": None, "e": 1.5, "f": False}
+
+
+@pytest.mark.parametrize("text", ["0x1F90", "010", "0b1010", "1_000", "8888:30"])
+def test_yaml_integers_must_be_plain_decimal(text: str) -> None:
+    """YAML 1.1 reads these as ints (8080, 8, 15, 1000, base 60): type traps for ports."""
+    with pytest.raises(ConfigError, match="plain decimal"):
+        load_yaml_text(f"a: {text}\n", "t.yaml")
 
 
 def test_yaml_lines_are_recorded() -> None:
@@ -239,7 +246,7 @@ def test_yaml_lines_are_recorded() -> None:
     ("a: 1\n---\nb: 2", "invalid YAML at line 2 column 1"),
     ("a: " + "[" * 100 + "]" * 100, "nesting deeper than"),
     ("a: \x01", "unacceptable character"),
-    ("a: !!int nope", "a: invalid int value (line 1)"),
+    ("a: !!int nope", "a: integer 'nope' must be written in plain decimal (line 1)"),
     ("&x a: 1", "anchors and aliases are not allowed"),
 ])
 def test_yaml_rejections(text: str, expected: str) -> None:

@@ -102,7 +102,8 @@ class Frame:
                 raise FrameError(f"{self.type.name} frame must use stream 0")
         elif self.stream_id == 0:
             raise FrameError(f"{self.type.name} frame must not use stream 0")
-        if self.flags & ~_ALLOWED_FLAGS.get(self.type, Flag.NONE):
+        # Plain ints: ``~`` on an IntFlag only inverts the *defined* members.
+        if int(self.flags) & ~int(_ALLOWED_FLAGS.get(self.type, Flag.NONE)):
             raise FrameError(f"flags {int(self.flags):#x} not allowed on {self.type.name}")
         cap = _PAYLOAD_CAP.get(self.type)
         if cap is not None:

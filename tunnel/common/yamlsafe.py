@@ -15,6 +15,7 @@ at the line the user has to edit.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,9 @@ _MAP_TAG = _TAG + "map"
 def child_path(parent: str, key: str) -> str:
     """The dotted key path of ``key`` inside the mapping at ``parent``."""
     return f"{parent}.{key}" if parent else key
+
+
+_PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)", re.ASCII)
 
 
 def item_path(parent: str, index: int) -> str:
@@ -156,6 +160,12 @@ class _Builder:
     def _scalar(self, node: ScalarNode, path: str) -> object:
         if node.tag not in _SCALAR_TAGS:
             raise self._bad_tag(node, path)
+        if node.tag == _TAG + "int" and not _PLAIN_INT.fullmatch(node.value):
+            # YAML 1.1 reads 010 as 8, 0x1F90 as 8080 and 1_000 as 1000: a port written
+            # that way is almost certainly a typo, so only plain decimal integers pass.
+            raise ConfigError(self._source, path,
+                              f"integer {node.value!r} must be written in plain decimal"
+                              f"{_at(node.start_mark)}; quote it if it is meant as text")
         try:
             return self._loader.construct_object(node)
         except (ValueError, yaml.YAMLError) as exc:

@@ -317,6 +317,8 @@ async def assert_closed_quickly(port: int, within: float = 1.0) -> str:
         )
     except ConnectionRefusedError:
         return "refused"
+    except ConnectionResetError:  # accepted and reset before the connect call returned
+        return "reset"
     start = time.monotonic()
     try:
         try:

@@ -265,6 +265,7 @@ def server_config(
         "state_dir": str(tmp_path / "state"),
         "heartbeat_interval": 1,
         "heartbeat_timeout": 3,
+        "tls": "off",  # plain ws:// on loopback; the TLS suite turns it on
         "clients": {name: dict(spec) for name, spec in clients.items()},
     }
     config.update(overrides)

@@ -9,7 +9,8 @@ One root, so callers can catch everything the project raises on purpose::
     │   └── RemoteProtocolError    the peer misbehaved: the link is closed, never the process
     │       └── FrameError         bytes that do not decode as a frame
     ├── AuthError              login refused (one generic reason, never which part was wrong)
-    └── ClaimRefused           a port claim that cannot be met (names the port and why)
+    ├── ClaimRefused           a port claim that cannot be met (names the port and why)
+    └── FingerprintMismatch    the relay presented another certificate than the pinned one
 
 Following h11, local misuse and remote misbehaviour are kept apart: the first is a bug to
 fix, the second is hostile or broken input that only ever costs the offending link.
@@ -21,6 +22,7 @@ __all__ = [
     "AuthError",
     "ClaimRefused",
     "ConfigError",
+    "FingerprintMismatch",
     "FrameError",
     "LocalProtocolError",
     "ProtocolError",
@@ -76,3 +78,12 @@ class ClaimRefused(TunnelError):
         self.reason = reason
         label = f"port {port}" if port is not None else "auto port"
         super().__init__(f"{label} refused: {reason}")
+
+
+class FingerprintMismatch(TunnelError):
+    """The relay's certificate is not the pinned one: possibly a man in the middle."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"the relay's certificate fingerprint is {actual}, expected {expected}")

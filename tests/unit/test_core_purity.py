@@ -1,0 +1,84 @@
+"""The protocol core stays sans-I/O: no event loop, no sockets, no clock, no network library.
+
+Checked on the source with ``ast`` (nothing is imported), so a stray ``import asyncio``
+inside a function, behind ``TYPE_CHECKING`` or via ``__import__`` is caught as well.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import tunnel
+
+PACKAGE = Path(tunnel.__file__).resolve().parent
+CORE = ["frames", "mux", "messages", "auth", "secret", "portset", "errors", "config", "yamlsafe"]
+CORE_FILES = [PACKAGE / "common" / f"{name}.py" for name in CORE]
+
+#: Event loops, sockets, clocks, threads, processes and network stacks.
+FORBIDDEN = frozenset({
+    "asyncio", "socket", "socketserver", "ssl", "select", "selectors", "time", "sched",
+    "threading", "_thread", "multiprocessing", "concurrent", "subprocess", "signal",
+    "websockets", "uvloop", "http", "urllib", "aiohttp", "requests", "trio", "anyio",
+    "importlib",
+})
+#: Project modules the core may import: only other core modules.
+ALLOWED_INTERNAL = frozenset(f"tunnel.common.{name}" for name in CORE)
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import in the file, wherever it appears."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                prefix = ".".join(["tunnel", "common"][:3 - node.level])  # we live in tunnel.common
+                if node.module:
+                    found.append((node.lineno, f"{prefix}.{node.module}"))
+                else:  # ``from . import frames``
+                    found += [(node.lineno, f"{prefix}.{a.name}") for a in node.names]
+            else:
+                assert node.module is not None
+                found.append((node.lineno, node.module))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id == "__import__"):
+            found.append((node.lineno, "__import__"))
+    return found
+
+
+@pytest.mark.parametrize("path", CORE_FILES, ids=CORE)
+def test_core_module_imports_no_io(path: Path) -> None:
+    assert path.is_file(), f"core module {path} is missing"
+    bad = [f"{path.name}:{line}: {module}" for line, module in imported_modules(path)
+           if module == "__import__" or module.split(".")[0] in FORBIDDEN]
+    assert bad == []
+
+
+@pytest.mark.parametrize("path", CORE_FILES, ids=CORE)
+def test_core_module_imports_only_core_modules_of_the_project(path: Path) -> None:
+    bad = [f"{path.name}:{line}: {module}" for line, module in imported_modules(path)
+           if module.split(".")[0] == "tunnel" and module not in ALLOWED_INTERNAL]
+    assert bad == []
+
+
+def test_the_checker_sees_every_kind_of_import(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import os, socket as s\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from asyncio import Event\n"
+        "def f():\n"
+        "    import time\n"
+        "    return __import__('ssl')\n"
+        "from .link import Link\n"
+        "from .. import server\n",
+        encoding="utf-8")
+    assert sorted(m for _, m in imported_modules(sample)) == sorted([
+        "os", "socket", "typing", "asyncio", "time", "__import__", "tunnel.common.link",
+        "tunnel.server"])

@@ -193,11 +193,6 @@ def test_address_flood_cannot_grow_the_table(clock: FakeClock) -> None:
     assert penalties.retry_after("2001:db8::0") == 0.0  # the oldest went first
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "BUG: Penalties.failed computes `base * 2 ** (extra - 1)` before min(cap, ...): at the "
-    "1030th failure of one source (extra=1025) the int 2**1024 no longer converts to float "
-    "and OverflowError escapes, *after* the entry was popped from the table, so the source's "
-    "lock-out is wiped (retry_after() == 0, five free tries again)"))
 def test_penalty_stays_capped_after_very_many_failures(clock: FakeClock) -> None:
     penalties = Penalties(clock)
     for _ in range(FAILURES_BEFORE_PENALTY + 1100):

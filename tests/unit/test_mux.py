@@ -692,17 +692,17 @@ HOSTILE_JSON: list[tuple[str, bytes]] = [
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=(RecursionError, ValueError), reason=(
-    "BUG: Mux._on_control catches only UnicodeDecodeError and JSONDecodeError, so a peer's "
-    "CONTROL payload of deeply nested arrays escapes as RecursionError and one with a "
-    "5000-digit integer as a plain ValueError, instead of RemoteProtocolError (Link.run "
-    "only handles RemoteProtocolError: no GOAWAY, an unexpected exception up the stack)"))
 @pytest.mark.parametrize("payload", [b[1] for b in HOSTILE_JSON],
                          ids=[b[0] for b in HOSTILE_JSON])
 def test_hostile_json_is_a_protocol_error(payload: bytes) -> None:
     assert len(payload) <= 16 * 1024
     with pytest.raises(RemoteProtocolError):
         Mux(Role.RELAY).receive(encode_frame(Frame(FrameType.CONTROL, payload=payload)))
+
+
+def test_oversized_control_message_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        Mux(Role.RELAY).send_control({"type": "x", "text": "y" * 20_000})
 
 
 def test_error_in_a_later_frame_of_the_message_raises() -> None:
@@ -794,12 +794,6 @@ def test_four_full_frames_fill_one_message_exactly(pair: MuxPair) -> None:
     assert pair.relay.pending_data_bytes == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Mux.next_message joins *all* queued control frames into one message with no size "
-    "cap. A peer that sends PINGs faster than our writer drains (the Link reader keeps "
-    "calling receive() while the writer awaits ws.send) makes us emit one message larger "
-    "than MAX_MESSAGE_SIZE, which the peer's websockets max_size rejects (close 1009); "
-    "_urgent also grows without bound meanwhile"))
 def test_control_frames_never_exceed_the_message_cap() -> None:
     client = Mux(Role.CLIENT)
     ping_flood = encode_frame(Frame(FrameType.PING, value=7)) * (MAX_MESSAGE_SIZE // HEADER_SIZE)
@@ -813,8 +807,6 @@ def test_control_frames_never_exceed_the_message_cap() -> None:
     assert max(sizes) <= MAX_MESSAGE_SIZE
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: many send_control() calls are likewise joined into one message > MAX_MESSAGE_SIZE"))
 def test_many_control_messages_never_exceed_the_message_cap() -> None:
     relay = Mux(Role.RELAY)
     for i in range(40):

@@ -26,6 +26,7 @@ from typing import Any
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .frames import (
+    MAX_CONTROL_PAYLOAD,
     MAX_DATA_PAYLOAD,
     MAX_MESSAGE_SIZE,
     MAX_OPEN_PAYLOAD,
@@ -184,9 +185,14 @@ class Mux:
         a link full of bulk data never starves heartbeats or credit; DATA frames keep their
         order and several share one message up to the message cap.
         """
-        if self._urgent:
-            urgent, self._urgent = self._urgent, []
-            return urgent[0] if len(urgent) == 1 else b"".join(urgent)
+        urgent = self._urgent
+        if urgent:
+            size, count = len(urgent[0]), 1
+            while count < len(urgent) and size + len(urgent[count]) <= MAX_MESSAGE_SIZE:
+                size += len(urgent[count])
+                count += 1
+            batch, self._urgent = urgent[:count], urgent[count:]
+            return batch[0] if count == 1 else b"".join(batch)
         data = self._data
         if not data:
             return None
@@ -281,6 +287,8 @@ class Mux:
 
     def send_control(self, message: dict[str, Any]) -> None:
         payload = json.dumps(message, separators=(",", ":")).encode("utf-8")
+        if len(payload) > MAX_CONTROL_PAYLOAD:
+            raise LocalProtocolError(f"control message of {len(payload)} bytes is too large")
         self._urgent.append(encode_frame(Frame(FrameType.CONTROL, payload=payload)))
 
     def send_ping(self, value: int) -> None:
@@ -377,7 +385,7 @@ class Mux:
     def _on_control(self, frame: Frame, events: list[Event]) -> None:
         try:
             message = json.loads(bytes(frame.payload))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge ints, deep nesting
             raise RemoteProtocolError("CONTROL payload is not JSON") from exc
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise RemoteProtocolError("CONTROL payload must be an object with a type")

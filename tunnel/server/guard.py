@@ -30,6 +30,7 @@ FAILURES_BEFORE_PENALTY = 5
 PENALTY_BASE = 1.0  # seconds, doubling per further failure
 PENALTY_CAP = 600.0
 MAX_PENALTY_ENTRIES = 10_000
+_MAX_DOUBLINGS = 64
 
 
 class PreAuthSlots:
@@ -52,7 +53,9 @@ class PreAuthSlots:
 
     def release(self, source: str) -> None:
         held = self._by_source.get(source, 0)
-        if held <= 1:
+        if held == 0:
+            return  # never acquired: must not lower the total
+        if held == 1:
             self._by_source.pop(source, None)
         else:
             self._by_source[source] = held - 1
@@ -90,7 +93,9 @@ class Penalties:
         entry.failures += 1
         extra = entry.failures - self._free
         if extra > 0:
-            entry.blocked_until = self._clock() + min(self._cap, self._base * 2 ** (extra - 1))
+            # Cap the exponent first: 2.0 ** 1030 overflows a float and would wipe the entry.
+            penalty = min(self._cap, self._base * 2.0 ** min(extra - 1, _MAX_DOUBLINGS))
+            entry.blocked_until = self._clock() + penalty
         self._table[source] = entry
         while len(self._table) > self._max:
             self._table.popitem(last=False)

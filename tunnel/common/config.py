@@ -10,21 +10,30 @@ The token helpers (:func:`resolve_token`) are shared with the client's settings 
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
-import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import date
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Literal
+from urllib.parse import urlsplit
 
+from tunnel.common.configbase import (
+    MAX_TOKEN_FILE_BYTES,
+    MIN_TOKEN_LENGTH,
+    TOKEN_KEYS,
+    ConfigContext,
+    describe_value,
+    port_set,
+    resolve_token,
+)
+from tunnel.common.credentials import parse_public_key
 from tunnel.common.errors import ConfigError
-from tunnel.common.portset import MAX_PORT, MIN_PORT, PortSet
+from tunnel.common.portset import MAX_PORT, PortSet
 from tunnel.common.secret import Secret
-from tunnel.common.yamlsafe import child_path, item_path, load_yaml_document_file
+from tunnel.common.yamlsafe import child_path, load_yaml_document_file
 
 __all__ = [
     "CLIENT_NAME_PATTERN",
@@ -40,102 +49,42 @@ __all__ = [
     "ClientEntry",
     "ConfigContext",
     "ServerConfig",
+    "TlsSettings",
     "describe_value",
+    "load_clients_file",
     "load_server_config",
     "parse_server_config",
     "resolve_token",
 ]
-
-log = logging.getLogger("tunnel.config")
 
 DEFAULT_PATH = "/tunnel"
 DEFAULT_PUBLIC_HOST = "0.0.0.0"
 DEFAULT_STATE_DIR = "./tunnel-state"
 DEFAULT_LOG_LEVEL = "info"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MIN_TOKEN_LENGTH = 16
-MAX_TOKEN_FILE_BYTES = 4096
-"""A token file holds one line; refuse to slurp something that clearly is not one."""
 CLIENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 
 _CLIENT_NAME_RE = re.compile(CLIENT_NAME_PATTERN)
-_PORT_RANGE_RE = re.compile(r"([0-9]+)-([0-9]+)", re.ASCII)
-_PORT_EXPECTED = f'expected a port number {MIN_PORT}-{MAX_PORT} or a range "A-B"'
 _LISTEN_EXPECTED = '"HOST:PORT", e.g. "0.0.0.0:7000" or "[::1]:7000"'
-_TOKEN_KEYS = ("token", "token_env", "token_file")
+_CREDENTIAL_KEYS = (*TOKEN_KEYS, "public_key")
 _SERVER_KEYS = ("listen", "path", "public_host", "ports", "state_dir", "clients",
-                "heartbeat_interval", "heartbeat_timeout", "log_level", "tls")
-_CLIENT_KEYS = (*_TOKEN_KEYS, "ports")
+                "clients_file", "public_url", "heartbeat_interval", "heartbeat_timeout",
+                "log_level", "tls")
+_CLIENT_KEYS = (*_CREDENTIAL_KEYS, "ports")
 _UNSAFE_PATH_CHARS = re.compile(r"[\s?#]")
-
-
-def describe_value(value: object, *, secret: bool = False) -> str:
-    """Name a YAML value the way a user would, e.g. ``boolean true`` or ``string "08080"``.
-
-    ``secret=True`` names only the type, for values that may be (part of) a token.
-    """
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean true" if value else "boolean false"
-    kind = _kind(value)
-    if secret or isinstance(value, list | dict):
-        return kind
-    if isinstance(value, str):
-        return f'{kind} "{value}"'
-    return f"{kind} {value}"
-
-
-def _kind(value: object) -> str:
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, date):
-        return "date"
-    return type(value).__name__
+_TLS_KEYS = ("cert", "key")
+_TLS_ALLOWED = 'auto, off, or a mapping {cert: PATH, key: PATH}'
 
 
 @dataclass(frozen=True)
-class ConfigContext:
-    """Where values come from: the file (for messages), its directory and key lines."""
+class TlsSettings:
+    """How the relay serves the link: ``auto`` (self-signed, generated once), ``off``, files."""
 
-    source: str
-    base_dir: Path
-    lines: Mapping[str, int]
-
-    def error(self, key: str, message: str) -> ConfigError:
-        line = self.lines.get(key)
-        suffix = f" (line {line})" if line is not None else ""
-        return ConfigError(self.source, key, message + suffix)
-
-    def expect_mapping(self, value: object, key: str, what: str) -> Mapping[str, object]:
-        if not isinstance(value, dict):
-            raise self.error(key, f"expected {what}, got {describe_value(value)}")
-        for name in value:
-            if not isinstance(name, str):
-                raise self.error(key, f"keys must be strings, got {describe_value(name)}")
-        return value
-
-    def reject_unknown(self, data: Mapping[str, object], key: str,
-                       allowed: tuple[str, ...]) -> None:
-        for name in data:
-            if name not in allowed:
-                raise self.error(child_path(key, name),
-                                 f"unknown key; allowed keys: {', '.join(allowed)}")
-
-    def expect_str(self, value: object, key: str, what: str = "a string") -> str:
-        if not isinstance(value, str):
-            raise self.error(key, f"expected {what}, got {describe_value(value)}")
-        return value
+    mode: Literal["auto", "off", "files"]
+    cert: Path | None = None
+    key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -143,9 +92,14 @@ class ClientEntry:
     """One client allowed to log in to the relay."""
 
     name: str
-    token: Secret
+    token: Secret | None
+    """A shared token (HMAC login), or None when the client holds an Ed25519 key."""
     ports: PortSet | None
     """``None``: may use any relay port not reserved by another client's ``ports``."""
+    public_key: str | None = None
+    """``ed25519:...``: the relay keeps only this, so its files cannot impersonate anyone."""
+    source: str = field(default="", compare=False)
+    """The file that defines the client (server.yaml or the clients file)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +117,10 @@ class ServerConfig:
     heartbeat_interval: float
     heartbeat_timeout: float
     log_level: str
+    tls: TlsSettings = field(default_factory=lambda: TlsSettings("auto"))
+    public_url: str | None = None
+    clients_file: Path | None = None
+    config_dir: Path = field(default_factory=Path)
 
     def client_ports(self, name: str) -> PortSet:
         """Ports ``name`` may claim: its own ``ports``, else relay ports nobody reserved.
@@ -178,133 +136,31 @@ class ServerConfig:
         return self.ports.difference(reserved)
 
 
-# --- ports -------------------------------------------------------------------------------
-
-
-def _port_range(ctx: ConfigContext, value: object, key: str) -> tuple[int, int]:
-    """One ``ports`` item: an int (never a bool) or an exact ``"A-B"`` string."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not MIN_PORT <= value <= MAX_PORT:
-            raise ctx.error(key, f"{_PORT_EXPECTED}, got {describe_value(value)} "
-                                 f"(outside {MIN_PORT}-{MAX_PORT})")
-        return value, value
-    if not isinstance(value, str):
-        raise ctx.error(key, f"{_PORT_EXPECTED}, got {describe_value(value)}")
-    match = _PORT_RANGE_RE.fullmatch(value)
-    if match is None:
-        raise ctx.error(key, f"{_PORT_EXPECTED}, got {describe_value(value)} "
-                             "(write single ports as unquoted numbers)")
-    if any(part.startswith("0") for part in match.groups()):
-        raise ctx.error(key, f"{_PORT_EXPECTED}, got {describe_value(value)} "
-                             "(leading zeros are not allowed)")
-    lo, hi = int(match.group(1)), int(match.group(2))
-    if not (MIN_PORT <= lo <= MAX_PORT and MIN_PORT <= hi <= MAX_PORT):
-        raise ctx.error(key, f"range {value} is outside {MIN_PORT}-{MAX_PORT}")
-    if lo > hi:
-        raise ctx.error(key, f"reversed range {value}: the start must not exceed the end")
-    return lo, hi
-
-
-def _port_set(ctx: ConfigContext, value: object, key: str) -> PortSet:
-    if not isinstance(value, list):
-        raise ctx.error(key, f'expected a list of ports and "A-B" ranges, '
-                             f"got {describe_value(value)}")
-    if not value:
-        raise ctx.error(key, 'must not be empty; list ports and "A-B" ranges')
-    return PortSet(_port_range(ctx, item, item_path(key, i)) for i, item in enumerate(value))
-
-
-# --- tokens ------------------------------------------------------------------------------
-
-
-def _check_token_length(ctx: ConfigContext, value: str, key: str, origin: str) -> Secret:
-    if len(value) < MIN_TOKEN_LENGTH:
-        raise ctx.error(key, f"{origin} is too short; tokens need at least "
-                             f"{MIN_TOKEN_LENGTH} characters")
-    return Secret(value)
-
-
-def _token_from_env(ctx: ConfigContext, value: object, key: str,
-                    env: Mapping[str, str]) -> Secret:
-    name = ctx.expect_str(value, key, "the name of an environment variable")
-    if name not in env:
-        raise ctx.error(key, f"environment variable {name} is not set")
-    return _check_token_length(ctx, env[name], key, f"the token in environment variable {name}")
-
-
-def _warn_if_readable(path: Path) -> None:
-    """Tokens are credentials; a group/world readable file leaks them to other users."""
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        log.warning("token file %s is readable by group or others (mode %o); "
-                    "run: chmod 600 %s", path, stat.S_IMODE(mode), path)
-
-
-def _token_from_file(ctx: ConfigContext, value: object, key: str) -> Secret:
-    raw_path = ctx.expect_str(value, key, "a file path")
-    if not raw_path:
-        raise ctx.error(key, "expected a file path, got an empty string")
-    path = ctx.base_dir / raw_path
-    try:
-        if path.stat().st_size > MAX_TOKEN_FILE_BYTES:
-            raise ctx.error(key, f"token file {path} is larger than "
-                                 f"{MAX_TOKEN_FILE_BYTES} bytes")
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_TOKEN_FILE_BYTES + 1)
-        _warn_if_readable(path)
-    except OSError as exc:
-        raise ctx.error(key, f"cannot read token file {path}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ctx.error(key, f"token file {path} is not valid UTF-8") from None
-    if len(raw) > MAX_TOKEN_FILE_BYTES:
-        raise ctx.error(key, f"token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes")
-    return _check_token_length(ctx, text.rstrip("\r\n"), key, f"the token in {path}")
-
-
-def resolve_token(ctx: ConfigContext, data: Mapping[str, object], key: str,
-                  env: Mapping[str, str]) -> Secret:
-    """The token of a mapping holding exactly one of ``token``, ``token_env``, ``token_file``.
-
-    ``key`` is the mapping's own key path ("" for a top-level mapping).
-    """
-    given = [name for name in _TOKEN_KEYS if name in data]
-    if not given:
-        raise ctx.error(key, "missing token; set exactly one of token, token_env, token_file")
-    if len(given) > 1:
-        raise ctx.error(child_path(key, given[1]), f"conflicting token sources "
-                        f"{' and '.join(given)}; set exactly one of token, token_env, token_file")
-    name = given[0]
-    sub = child_path(key, name)
-    value = data[name]
-    if name == "token_env":
-        return _token_from_env(ctx, value, sub, env)
-    if name == "token_file":
-        return _token_from_file(ctx, value, sub)
-    if not isinstance(value, str):
-        raise ctx.error(sub, f"expected a string of at least {MIN_TOKEN_LENGTH} characters, "
-                             f"got {describe_value(value, secret=True)}")
-    return _check_token_length(ctx, value, sub, "the token")
-
-
 # --- clients -----------------------------------------------------------------------------
 
 
-def _client_entry(ctx: ConfigContext, name: object, value: object,
+def _client_entry(ctx: ConfigContext, prefix: str, name: object, value: object,
                   env: Mapping[str, str]) -> ClientEntry:
     if not isinstance(name, str) or not _CLIENT_NAME_RE.fullmatch(name):
-        raise ctx.error(child_path("clients", str(name)),
+        raise ctx.error(child_path(prefix, str(name)),
                         f"invalid client name {describe_value(name)}; names are 1-63 "
                         "letters, digits, '.', '_' or '-', starting with a letter or digit")
-    key = child_path("clients", name)
+    key = child_path(prefix, name)
     if value is None:
-        raise ctx.error(key, "expected a mapping with one of token, token_env, token_file")
-    data = ctx.expect_mapping(value, key, "a mapping with token/token_env/token_file and ports")
+        raise ctx.error(key, "expected a mapping with one of token, token_env, token_file, "
+                             "public_key")
+    data = ctx.expect_mapping(value, key, "a mapping with a credential and ports")
     ctx.reject_unknown(data, key, _CLIENT_KEYS)
+    ports = port_set(ctx, data["ports"], child_path(key, "ports")) if "ports" in data else None
+    if "public_key" in data:
+        others = [k for k in TOKEN_KEYS if k in data]
+        if others:
+            raise ctx.error(child_path(key, others[0]), "conflicting credentials public_key "
+                            f"and {others[0]}; set exactly one of {', '.join(_CREDENTIAL_KEYS)}")
+        public = parse_public_key(data["public_key"], ctx.source, child_path(key, "public_key"))
+        return ClientEntry(name, None, ports, public_key=public, source=ctx.source)
     token = resolve_token(ctx, data, key, env)
-    ports = _port_set(ctx, data["ports"], child_path(key, "ports")) if "ports" in data else None
-    return ClientEntry(name=name, token=token, ports=ports)
+    return ClientEntry(name=name, token=token, ports=ports, source=ctx.source)
 
 
 def _check_client_ports(ctx: ConfigContext, relay: PortSet,
@@ -332,25 +188,53 @@ def _check_unique_tokens(ctx: ConfigContext, clients: Mapping[str, ClientEntry])
     """Tokens identify clients, so sharing one would let a client act as another."""
     owners: dict[str, str] = {}
     for entry in clients.values():
-        other = owners.setdefault(entry.token.reveal(), entry.name)
+        credential = entry.token.reveal() if entry.token is not None else entry.public_key
+        assert credential is not None
+        other = owners.setdefault(credential, entry.name)
         if other != entry.name:
             raise ctx.error(f"clients.{entry.name}",
-                            f"client {entry.name!r} has the same token as client {other!r}; "
-                            "every client needs its own token")
+                            f"client {entry.name!r} has the same credential as client "
+                            f"{other!r}; every client needs its own")
 
 
-def _clients(ctx: ConfigContext, value: object, relay: PortSet,
-             env: Mapping[str, str]) -> Mapping[str, ClientEntry]:
+def _client_mapping(ctx: ConfigContext, prefix: str, value: object,
+                    env: Mapping[str, str]) -> dict[str, ClientEntry]:
     if value is None:
-        return MappingProxyType({})
+        return {}
     if not isinstance(value, dict):
-        raise ctx.error("clients", f"expected a mapping of client name to settings, "
-                                   f"got {describe_value(value)}")
-    clients = {entry.name: entry for entry in
-               (_client_entry(ctx, name, item, env) for name, item in value.items())}
+        raise ctx.error(prefix, f"expected a mapping of client name to settings, "
+                                f"got {describe_value(value)}")
+    return {entry.name: entry for entry in
+            (_client_entry(ctx, prefix, name, item, env) for name, item in value.items())}
+
+
+def load_clients_file(path: Path, env: Mapping[str, str]) -> dict[str, ClientEntry]:
+    """The clients managed by ``add-client``/``remove-client``: a mapping name -> entry.
+
+    A missing file is an empty list (``init`` creates it, but a user may delete it).
+    """
+    if not path.exists():
+        return {}
+    doc = load_yaml_document_file(path)
+    ctx = ConfigContext(str(path), path.parent, doc.lines)
+    return _client_mapping(ctx, "", doc.data, env)
+
+
+def _clients(ctx: ConfigContext, top: Mapping[str, object], relay: PortSet,
+             env: Mapping[str, str]) -> tuple[Mapping[str, ClientEntry], Path | None]:
+    clients = _client_mapping(ctx, "clients", top.get("clients"), env)
+    clients_file: Path | None = None
+    if "clients_file" in top:
+        text = ctx.expect_str(top["clients_file"], "clients_file", "a file path")
+        clients_file = ctx.base_dir / text
+        for name, entry in load_clients_file(clients_file, env).items():
+            if name in clients:
+                raise ConfigError(str(clients_file), name, f"client {name!r} is also defined "
+                                  f"in {ctx.source}; names must be unique")
+            clients[name] = entry
     _check_client_ports(ctx, relay, clients)
     _check_unique_tokens(ctx, clients)
-    return MappingProxyType(clients)
+    return MappingProxyType(clients), clients_file
 
 
 # --- scalar settings ---------------------------------------------------------------------
@@ -410,15 +294,38 @@ def _log_level(ctx: ConfigContext, value: object) -> str:
     return text.lower()
 
 
-def _check_tls(ctx: ConfigContext, data: Mapping[str, object]) -> None:
-    """``tls`` is reserved so a future version can add it without changing its meaning."""
-    if "tls" not in data:
-        return
-    value = data["tls"]
+def _tls(ctx: ConfigContext, top: Mapping[str, object]) -> TlsSettings:
+    if "tls" not in top:
+        return TlsSettings("auto")
+    value = top["tls"]
     if value is False or (isinstance(value, str) and value.lower() == "off"):
-        return
-    raise ctx.error("tls", "TLS is not available in this version (terminate TLS in a "
-                           f"reverse proxy); allowed: off, got {describe_value(value)}")
+        return TlsSettings("off")
+    if isinstance(value, str) and value.lower() == "auto":
+        return TlsSettings("auto")
+    if isinstance(value, dict):
+        data = ctx.expect_mapping(value, "tls", _TLS_ALLOWED)
+        ctx.reject_unknown(data, "tls", _TLS_KEYS)
+        paths = []
+        for name in _TLS_KEYS:
+            if name not in data:
+                raise ctx.error(f"tls.{name}", f"missing; expected {_TLS_ALLOWED}")
+            text = ctx.expect_str(data[name], f"tls.{name}", "a file path")
+            paths.append(ctx.base_dir / text)
+        return TlsSettings("files", cert=paths[0], key=paths[1])
+    raise ctx.error("tls", f"expected {_TLS_ALLOWED}, got {describe_value(value)}")
+
+
+def _public_url(ctx: ConfigContext, top: Mapping[str, object]) -> str | None:
+    """The link URL clients are told to use (join strings); must be ws:// or wss://."""
+    if "public_url" not in top:
+        return None
+    text = ctx.expect_str(top["public_url"], "public_url", "a URL like wss://HOST:PORT/PATH")
+    parts = urlsplit(text)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.query \
+            or parts.fragment or parts.username:
+        raise ctx.error("public_url", "expected a URL like wss://vps.example.com:7000/tunnel, "
+                                      f"got {describe_value(text)}")
+    return text
 
 
 def _required(ctx: ConfigContext, data: Mapping[str, object], key: str, hint: str) -> object:
@@ -433,9 +340,9 @@ def parse_server_config(data: object, source: str, base_dir: Path, env: Mapping[
     ctx = ConfigContext(source, base_dir, lines or {})
     top = ctx.expect_mapping(data, "", "a mapping of settings at the top level")
     ctx.reject_unknown(top, "", _SERVER_KEYS)
-    _check_tls(ctx, top)
+    tls = _tls(ctx, top)
     host, port = _listen(ctx, _required(ctx, top, "listen", 'e.g. listen: "0.0.0.0:7000"'))
-    relay_ports = _port_set(ctx, _required(ctx, top, "ports", 'e.g. ports: ["6000-6099"]'),
+    relay_ports = port_set(ctx, _required(ctx, top, "ports", 'e.g. ports: ["6000-6099"]'),
                             "ports")
     interval = _seconds(ctx, top.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL),
                         "heartbeat_interval")
@@ -444,6 +351,7 @@ def parse_server_config(data: object, source: str, base_dir: Path, env: Mapping[
     if timeout <= interval:
         raise ctx.error("heartbeat_timeout", f"must be greater than heartbeat_interval "
                                              f"({interval:g}), got {timeout:g}")
+    clients, clients_file = _clients(ctx, top, relay_ports, env)
     return ServerConfig(
         source=source,
         listen_host=host,
@@ -452,10 +360,14 @@ def parse_server_config(data: object, source: str, base_dir: Path, env: Mapping[
         public_host=_host(ctx, top.get("public_host", DEFAULT_PUBLIC_HOST), "public_host"),
         ports=relay_ports,
         state_dir=_state_dir(ctx, top.get("state_dir", DEFAULT_STATE_DIR)),
-        clients=_clients(ctx, top.get("clients"), relay_ports, env),
+        clients=clients,
         heartbeat_interval=interval,
         heartbeat_timeout=timeout,
         log_level=_log_level(ctx, top.get("log_level", DEFAULT_LOG_LEVEL)),
+        tls=tls,
+        public_url=_public_url(ctx, top),
+        clients_file=clients_file,
+        config_dir=base_dir,
     )
 
 

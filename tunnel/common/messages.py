@@ -44,7 +44,8 @@ _OPT_INT = (int, type(None))
 #: newer peers can add information without breaking older ones.
 SCHEMAS: Final[dict[str, _Spec]] = {
     CHALLENGE: {"version": (int,), "nonce": (str,), "server_version": (str,)},
-    AUTH: {"nonce": (str,), "proof": (str,), "client_version": (str,)},
+    # plus either "proof" (token clients) or "key_id" and "signature" (key clients)
+    AUTH: {"nonce": (str,), "client_version": (str,)},
     WELCOME: {"client": (str,), "heartbeat_interval": (int, float),
               "heartbeat_timeout": (int, float)},
     REFUSED: {"reason": (str,)},

@@ -86,6 +86,7 @@ class GoAwayCode(enum.IntEnum):
     INTERNAL_ERROR = 2
     REPLACED = 3  # a newer link of the same client took over
     SHUTDOWN = 4  # the peer is shutting down
+    REVOKED = 5  # the client was removed from the relay or its credential changed
 
 
 # ----------------------------------------------------------------------------- events

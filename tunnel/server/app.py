@@ -11,6 +11,7 @@ from websockets.asyncio.server import Server, serve
 
 from ..common.auth import derive_key
 from ..common.config import ServerConfig
+from ..common.credentials import generate_keypair, key_id
 from ..common.frames import MAX_MESSAGE_SIZE
 from ..common.mux import GoAwayCode
 from .control import HANDSHAKE_TIMEOUT, ControlHandler
@@ -37,7 +38,10 @@ class Relay:
         self.registry = Registry()
         self.store = SqliteLeaseStore(Path(config.state_dir) / LEASE_DB_NAME)
         self.leases = LeaseBook(self.store, config.ports, config.client_ports, clock=time.time)
-        self.keys = {name: derive_key(entry.token) for name, entry in config.clients.items()}
+        self.keys: dict[str, bytes] = {}
+        self.public_keys: dict[str, tuple[str, str]] = {}
+        self.decoy_key = generate_keypair()[1]
+        self._load_credentials(config)
         self.preauth = PreAuthSlots()
         self.penalties = Penalties()
         self.servers: dict[int, asyncio.Server] = {}
@@ -45,6 +49,14 @@ class Relay:
         self.control = ControlHandler(self)
         self._ws_server: Server | None = None
         self.started = time.time()
+
+    def _load_credentials(self, config: ServerConfig) -> None:
+        """Token clients by name (HMAC keys), key clients by their public key id."""
+        self.keys = {name: derive_key(entry.token) for name, entry in config.clients.items()
+                     if entry.token is not None}
+        self.public_keys = {key_id(entry.public_key): (name, entry.public_key)
+                            for name, entry in config.clients.items()
+                            if entry.public_key is not None}
 
     @property
     def url(self) -> str:

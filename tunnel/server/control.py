@@ -20,7 +20,8 @@ from websockets.http11 import Request, Response
 
 from .. import __version__
 from ..common import messages as msg
-from ..common.auth import NONCE_SIZE, PROOF_SIZE, identify, new_nonce
+from ..common.auth import NONCE_SIZE, PROOF_SIZE, identify, login_message, new_nonce
+from ..common.credentials import verify
 from ..common.errors import ClaimRefused, RemoteProtocolError
 from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed
@@ -98,15 +99,14 @@ class ControlHandler:
                                      "server_version": __version__})
                 auth = msg.parse(await link.receive_control(HANDSHAKE_TIMEOUT), msg.AUTH)
                 client_nonce = msg.b64decode(auth["nonce"], "nonce")
-                proof = msg.b64decode(auth["proof"], "proof")
-                if len(client_nonce) != NONCE_SIZE or len(proof) != PROOF_SIZE:
-                    raise RemoteProtocolError("nonce or proof of wrong size")
+                if len(client_nonce) != NONCE_SIZE:
+                    raise RemoteProtocolError("nonce of wrong size")
+                name = self._identify(auth, nonce, client_nonce)
         except (TimeoutError, RemoteProtocolError, LinkClosed, OSError) as exc:
             log.info("login from %s abandoned: %s", source, _describe(exc))
             self.relay.penalties.failed(source)
             await _close_quietly(link, CLOSE_AUTH_FAILED, "handshake failed")
             return None
-        name = identify(proof, nonce, client_nonce, self.relay.keys)
         if name is None:
             self.relay.penalties.failed(source)
             log.warning("login refused from %s: %s", source, AUTH_FAILED)
@@ -116,6 +116,22 @@ class ControlHandler:
             return None
         self.relay.penalties.succeeded(source)
         return name, str(auth["client_version"])[:64]
+
+    def _identify(self, auth: dict[str, Any], nonce: bytes, client_nonce: bytes) -> str | None:
+        """The client that made this proof or signature, or None; same work either way."""
+        message = login_message(nonce, client_nonce)
+        if isinstance(auth.get("signature"), str) and isinstance(auth.get("key_id"), str):
+            signature = msg.b64decode(auth["signature"], "signature")
+            name, public = self.relay.public_keys.get(auth["key_id"][:64],
+                                                      ("", self.relay.decoy_key))
+            ok = verify(public, message, signature)  # a decoy key keeps the timing equal
+            return name if ok and name else None
+        if isinstance(auth.get("proof"), str):
+            proof = msg.b64decode(auth["proof"], "proof")
+            if len(proof) != PROOF_SIZE:
+                raise RemoteProtocolError("proof of wrong size")
+            return identify(proof, nonce, client_nonce, self.relay.keys)
+        raise RemoteProtocolError("auth carries neither proof nor signature")
 
     async def _serve(self, link: Link, name: str, version: str, source: str) -> None:
         relay = self.relay

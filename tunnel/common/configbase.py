@@ -1,0 +1,219 @@
+"""Shared pieces of config validation: value names, error context, ports and tokens.
+
+Both the relay's config and the client's settings file are edited by hand; they share one
+way of naming values in errors (``boolean true``, ``string "08080"``), one error context
+(file, key path, line) and the same rules for ports and tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from tunnel.common.errors import ConfigError
+from tunnel.common.portset import MAX_PORT, MIN_PORT, PortSet
+from tunnel.common.secret import Secret
+from tunnel.common.yamlsafe import child_path, item_path
+
+__all__ = [
+    "MAX_TOKEN_FILE_BYTES",
+    "MIN_TOKEN_LENGTH",
+    "PORT_EXPECTED",
+    "TOKEN_KEYS",
+    "ConfigContext",
+    "describe_value",
+    "port_range",
+    "port_set",
+    "resolve_token",
+]
+
+log = logging.getLogger("tunnel.config")
+
+MIN_TOKEN_LENGTH = 16
+MAX_TOKEN_FILE_BYTES = 4096
+"""A token file holds one line; refuse to slurp something that clearly is not one."""
+TOKEN_KEYS = ("token", "token_env", "token_file")
+
+_PORT_RANGE_RE = re.compile(r"([0-9]+)-([0-9]+)", re.ASCII)
+PORT_EXPECTED = f'expected a port number {MIN_PORT}-{MAX_PORT} or a range "A-B"'
+
+def describe_value(value: object, *, secret: bool = False) -> str:
+    """Name a YAML value the way a user would, e.g. ``boolean true`` or ``string "08080"``.
+
+    ``secret=True`` names only the type, for values that may be (part of) a token.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean true" if value else "boolean false"
+    kind = _kind(value)
+    if secret or isinstance(value, list | dict):
+        return kind
+    if isinstance(value, str):
+        return f'{kind} "{value}"'
+    return f"{kind} {value}"
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, date):
+        return "date"
+    return type(value).__name__
+
+
+@dataclass(frozen=True)
+class ConfigContext:
+    """Where values come from: the file (for messages), its directory and key lines."""
+
+    source: str
+    base_dir: Path
+    lines: Mapping[str, int]
+
+    def error(self, key: str, message: str) -> ConfigError:
+        line = self.lines.get(key)
+        suffix = f" (line {line})" if line is not None else ""
+        return ConfigError(self.source, key, message + suffix)
+
+    def expect_mapping(self, value: object, key: str, what: str) -> Mapping[str, object]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected {what}, got {describe_value(value)}")
+        for name in value:
+            if not isinstance(name, str):
+                raise self.error(key, f"keys must be strings, got {describe_value(name)}")
+        return value
+
+    def reject_unknown(self, data: Mapping[str, object], key: str,
+                       allowed: tuple[str, ...]) -> None:
+        for name in data:
+            if name not in allowed:
+                raise self.error(child_path(key, name),
+                                 f"unknown key; allowed keys: {', '.join(allowed)}")
+
+    def expect_str(self, value: object, key: str, what: str = "a string") -> str:
+        if not isinstance(value, str):
+            raise self.error(key, f"expected {what}, got {describe_value(value)}")
+        return value
+
+
+# --- ports -------------------------------------------------------------------------------
+
+
+def port_range(ctx: ConfigContext, value: object, key: str) -> tuple[int, int]:
+    """One ``ports`` item: an int (never a bool) or an exact ``"A-B"`` string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not MIN_PORT <= value <= MAX_PORT:
+            raise ctx.error(key, f"{PORT_EXPECTED}, got {describe_value(value)} "
+                                 f"(outside {MIN_PORT}-{MAX_PORT})")
+        return value, value
+    if not isinstance(value, str):
+        raise ctx.error(key, f"{PORT_EXPECTED}, got {describe_value(value)}")
+    match = _PORT_RANGE_RE.fullmatch(value)
+    if match is None:
+        raise ctx.error(key, f"{PORT_EXPECTED}, got {describe_value(value)} "
+                             "(write single ports as unquoted numbers)")
+    if any(part.startswith("0") for part in match.groups()):
+        raise ctx.error(key, f"{PORT_EXPECTED}, got {describe_value(value)} "
+                             "(leading zeros are not allowed)")
+    lo, hi = int(match.group(1)), int(match.group(2))
+    if not (MIN_PORT <= lo <= MAX_PORT and MIN_PORT <= hi <= MAX_PORT):
+        raise ctx.error(key, f"range {value} is outside {MIN_PORT}-{MAX_PORT}")
+    if lo > hi:
+        raise ctx.error(key, f"reversed range {value}: the start must not exceed the end")
+    return lo, hi
+
+
+def port_set(ctx: ConfigContext, value: object, key: str) -> PortSet:
+    if not isinstance(value, list):
+        raise ctx.error(key, f'expected a list of ports and "A-B" ranges, '
+                             f"got {describe_value(value)}")
+    if not value:
+        raise ctx.error(key, 'must not be empty; list ports and "A-B" ranges')
+    return PortSet(port_range(ctx, item, item_path(key, i)) for i, item in enumerate(value))
+
+
+# --- tokens ------------------------------------------------------------------------------
+
+
+def _check_token_length(ctx: ConfigContext, value: str, key: str, origin: str) -> Secret:
+    if len(value) < MIN_TOKEN_LENGTH:
+        raise ctx.error(key, f"{origin} is too short; tokens need at least "
+                             f"{MIN_TOKEN_LENGTH} characters")
+    return Secret(value)
+
+
+def _token_from_env(ctx: ConfigContext, value: object, key: str,
+                    env: Mapping[str, str]) -> Secret:
+    name = ctx.expect_str(value, key, "the name of an environment variable")
+    if name not in env:
+        raise ctx.error(key, f"environment variable {name} is not set")
+    return _check_token_length(ctx, env[name], key, f"the token in environment variable {name}")
+
+
+def _warn_if_readable(path: Path) -> None:
+    """Tokens are credentials; a group/world readable file leaks them to other users."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("token file %s is readable by group or others (mode %o); "
+                    "run: chmod 600 %s", path, stat.S_IMODE(mode), path)
+
+
+def _token_from_file(ctx: ConfigContext, value: object, key: str) -> Secret:
+    raw_path = ctx.expect_str(value, key, "a file path")
+    if not raw_path:
+        raise ctx.error(key, "expected a file path, got an empty string")
+    path = ctx.base_dir / raw_path
+    try:
+        if path.stat().st_size > MAX_TOKEN_FILE_BYTES:
+            raise ctx.error(key, f"token file {path} is larger than "
+                                 f"{MAX_TOKEN_FILE_BYTES} bytes")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_TOKEN_FILE_BYTES + 1)
+        _warn_if_readable(path)
+    except OSError as exc:
+        raise ctx.error(key, f"cannot read token file {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ctx.error(key, f"token file {path} is not valid UTF-8") from None
+    if len(raw) > MAX_TOKEN_FILE_BYTES:
+        raise ctx.error(key, f"token file {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes")
+    return _check_token_length(ctx, text.rstrip("\r\n"), key, f"the token in {path}")
+
+
+def resolve_token(ctx: ConfigContext, data: Mapping[str, object], key: str,
+                  env: Mapping[str, str]) -> Secret:
+    """The token of a mapping holding exactly one of ``token``, ``token_env``, ``token_file``.
+
+    ``key`` is the mapping's own key path ("" for a top-level mapping).
+    """
+    given = [name for name in TOKEN_KEYS if name in data]
+    if not given:
+        raise ctx.error(key, "missing token; set exactly one of token, token_env, token_file")
+    if len(given) > 1:
+        raise ctx.error(child_path(key, given[1]), f"conflicting token sources "
+                        f"{' and '.join(given)}; set exactly one of token, token_env, token_file")
+    name = given[0]
+    sub = child_path(key, name)
+    value = data[name]
+    if name == "token_env":
+        return _token_from_env(ctx, value, sub, env)
+    if name == "token_file":
+        return _token_from_file(ctx, value, sub)
+    if not isinstance(value, str):
+        raise ctx.error(sub, f"expected a string of at least {MIN_TOKEN_LENGTH} characters, "
+                             f"got {describe_value(value, secret=True)}")
+    return _check_token_length(ctx, value, sub, "the token")

@@ -23,18 +23,18 @@ ALL_TOKENS = (FLAG_TOKEN, ENV_TOKEN, FILE_TOKEN)
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    ("vps.example.com:7000", "ws://vps.example.com:7000/tunnel"),
-    ("VPS.Example.com:7000", "ws://vps.example.com:7000/tunnel"),
+    ("vps.example.com:7000", "wss://vps.example.com:7000/tunnel"),
+    ("VPS.Example.com:7000", "wss://vps.example.com:7000/tunnel"),
     ("ws://vps.example.com:7000", "ws://vps.example.com:7000/tunnel"),
     ("ws://vps.example.com:7000/", "ws://vps.example.com:7000/tunnel"),
     ("ws://vps.example.com:7000/relay/v1", "ws://vps.example.com:7000/relay/v1"),
     ("wss://vps.example.com:443/tunnel", "wss://vps.example.com:443/tunnel"),
     ("http://1.2.3.4:7000", "ws://1.2.3.4:7000/tunnel"),
     ("HTTPS://vps.example.com:8443/x", "wss://vps.example.com:8443/x"),
-    ("[::1]:7000", "ws://[::1]:7000/tunnel"),
+    ("[::1]:7000", "wss://[::1]:7000/tunnel"),
     ("wss://[2001:DB8::1]:7000/t", "wss://[2001:db8::1]:7000/t"),
-    ("  vps.example.com:7000  ", "ws://vps.example.com:7000/tunnel"),
-    ("vps.example.com:7000/custom", "ws://vps.example.com:7000/custom"),
+    ("  vps.example.com:7000  ", "wss://vps.example.com:7000/tunnel"),
+    ("vps.example.com:7000/custom", "wss://vps.example.com:7000/custom"),
 ])
 def test_normalize_server_url(value: str, expected: str) -> None:
     assert normalize_server_url(value, "--server") == expected
@@ -95,7 +95,7 @@ def _resolve(*, server: str | None = None, token: str | None = None,
 
 def test_file_only(tmp_path: Path) -> None:
     settings = _resolve(config_path=_write_file(tmp_path, _FILE))
-    assert settings.server_url == "ws://file.example.com:7000/tunnel"
+    assert settings.server_url == "wss://file.example.com:7000/tunnel"
     assert settings.server_host == "file.example.com"
     assert settings.token == Secret(FILE_TOKEN)
     assert settings.exposes == (ExposeSpec("127.0.0.1", 8888, "fixed", 6000),
@@ -114,7 +114,7 @@ def test_flags_beat_env_and_file(tmp_path: Path) -> None:
     env = {"TUNNEL_SERVER": "env.example.com:7000", "TUNNEL_TOKEN": ENV_TOKEN}
     settings = _resolve(server="flag.example.com:7001", token=FLAG_TOKEN,
                         exposes=["22:6022"], config_path=_write_file(tmp_path, _FILE), env=env)
-    assert settings.server_url == "ws://flag.example.com:7001/tunnel"
+    assert settings.server_url == "wss://flag.example.com:7001/tunnel"
     assert settings.server_host == "flag.example.com"
     assert settings.token == Secret(FLAG_TOKEN)
     assert settings.exposes == (ExposeSpec("127.0.0.1", 22, "fixed", 6022),)

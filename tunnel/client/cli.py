@@ -16,10 +16,12 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..common.errors import AuthError, ClaimRefused, ConfigError
+from ..common.errors import AuthError, ClaimRefused, ConfigError, FingerprintMismatch
 from ..common.runtime import run, setup_logging
+from ..common.tls import TlsFilesError
 from .connector import Connector
 from .expose import EXPOSE_GRAMMAR
+from .join import join_main
 from .settings import ClientSettings, resolve_client_settings
 
 __all__ = ["EXIT_CONFIG", "EXIT_REFUSED", "main"]
@@ -45,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="a tunnel; repeat for several")
     parser.add_argument("--config", "-c", metavar="FILE",
                         help="client.yaml with server, token/token_env/token_file, expose")
+    parser.add_argument("--fingerprint", metavar="sha256:HEX",
+                        help="pin the relay certificate (env TUNNEL_FINGERPRINT); set by join")
+    parser.add_argument("--ca-file", metavar="PEM",
+                        help="verify the relay against this CA instead of the system's")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow plain ws:// to a non-loopback relay (TLS terminated "
+                             "elsewhere on a trusted network)")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -52,11 +61,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "join":
+        return join_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         settings = resolve_client_settings(server=args.server, token=args.token,
                                            exposes=args.expose, config_path=args.config,
-                                           env=os.environ)
+                                           env=os.environ, fingerprint=args.fingerprint,
+                                           ca_file=args.ca_file, insecure=args.insecure)
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -77,12 +90,22 @@ async def _main(settings: ClientSettings) -> int:
     try:
         await connector.run(stop)
     except AuthError:
+        what = "this client's key (revoked or wrong: ask the relay admin for a new join " \
+            "string)" if settings.private_key else "this token (check --token / TUNNEL_TOKEN)"
         print(f"{PROG}: authentication failed: the relay at {settings.server_url} did not "
-              "accept this token (check --token / TUNNEL_TOKEN)", file=sys.stderr)
+              f"accept {what}", file=sys.stderr)
         return EXIT_REFUSED
     except ClaimRefused as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except FingerprintMismatch as exc:
+        print(f"{PROG}: {exc}. This may be a man in the middle; nothing was sent. If the "
+              "relay's key was replaced on purpose, join again with a new join string or "
+              "pass the new --fingerprint.", file=sys.stderr)
+        return EXIT_REFUSED
+    except TlsFilesError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -12,19 +12,28 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .. import __version__
 from ..common import messages as msg
-from ..common.auth import NONCE_SIZE, client_proof, derive_key, new_nonce
-from ..common.errors import AuthError, ClaimRefused, ConfigError, RemoteProtocolError
+from ..common.auth import NONCE_SIZE, client_proof, derive_key, login_message, new_nonce
+from ..common.credentials import key_id, public_key_of, sign
+from ..common.errors import (
+    AuthError,
+    ClaimRefused,
+    ConfigError,
+    FingerprintMismatch,
+    RemoteProtocolError,
+)
 from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed
 from ..common.mux import GoAwayCode, Mux, Role
+from ..common.tls import check_pin, client_ssl_context
 from .dialer import Dialer
 from .expose import ExposeSpec
 from .settings import ClientSettings
@@ -70,7 +79,14 @@ class Connector:
                  announce: Callable[[str], None] = print) -> None:
         self.settings = settings
         self.announce = announce
-        self.key = derive_key(settings.token)
+        self.key = derive_key(settings.token) if settings.token is not None else b""
+        self.ssl: ssl.SSLContext | None = None
+        self.connection_class: type[ClientConnection] = ClientConnection
+        if settings.server_url.startswith("wss://"):
+            ca = settings.ca_file
+            self.ssl = client_ssl_context(fingerprint=settings.fingerprint, ca_file=ca)
+            if settings.fingerprint is not None:
+                self.connection_class = pinned_connection(settings.fingerprint)
         self.tunnels: dict[int, ExposeSpec] = dict(enumerate(settings.exposes))
         self.dialer = Dialer(self.tunnels)
         self.link: Link | None = None
@@ -114,7 +130,8 @@ class Connector:
         async with connect(self.settings.server_url, compression=None,
                            max_size=MAX_MESSAGE_SIZE, ping_interval=None,
                            open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0, proxy=None,
-                           user_agent_header=f"tunnel-client/{__version__}") as ws:
+                           user_agent_header=f"tunnel-client/{__version__}",
+                           ssl=self.ssl, create_connection=self.connection_class) as ws:
             link = Link(ws, Mux(Role.CLIENT), name="-", logger=log,
                         heartbeat_interval=HEARTBEAT_BOUNDS[1],
                         heartbeat_timeout=HEARTBEAT_BOUNDS[1])
@@ -153,9 +170,16 @@ class Connector:
         if len(server_nonce) != NONCE_SIZE:
             raise RemoteProtocolError("relay nonce of wrong size")
         client_nonce = new_nonce()
-        proof = client_proof(self.key, server_nonce, client_nonce)
-        await link.send_now({"type": msg.AUTH, "nonce": msg.b64encode(client_nonce),
-                             "proof": msg.b64encode(proof), "client_version": __version__})
+        auth: dict[str, Any] = {"type": msg.AUTH, "nonce": msg.b64encode(client_nonce),
+                                "client_version": __version__}
+        private = self.settings.private_key
+        if private is not None:
+            signature = sign(private, login_message(server_nonce, client_nonce))
+            auth["key_id"] = key_id(public_key_of(private))
+            auth["signature"] = msg.b64encode(signature)
+        else:
+            auth["proof"] = msg.b64encode(client_proof(self.key, server_nonce, client_nonce))
+        await link.send_now(auth)
         reply = msg.parse(await link.receive_control(HANDSHAKE_TIMEOUT),
                           msg.WELCOME, msg.REFUSED)
         if reply["type"] == msg.REFUSED:
@@ -202,6 +226,24 @@ class Connector:
         if future is None or future.done():
             raise RemoteProtocolError(f"reply for unknown tunnel id {reply['id']}")
         future.set_result(reply)
+
+
+def pinned_connection(fingerprint: str) -> type[ClientConnection]:
+    """A connection class that checks the relay's certificate pin before the HTTP upgrade.
+
+    The check runs right after the TLS handshake and before websockets writes its request,
+    so a man in the middle with another certificate receives no application byte at all.
+    """
+
+    class PinnedConnection(ClientConnection):
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            if ssl_object is None:
+                raise FingerprintMismatch(fingerprint, "no TLS certificate")
+            check_pin(ssl_object, fingerprint)
+            await super().handshake(*args, **kwargs)
+
+    return PinnedConnection
 
 
 def _describe(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ Tokens never appear in URLs (no ``user:pass@`` part) nor in any error message.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ from tunnel.common.config import (
     describe_value,
     resolve_token,
 )
+from tunnel.common.credentials import parse_private_key
 from tunnel.common.errors import ConfigError
 from tunnel.common.secret import Secret
+from tunnel.common.tls import parse_fingerprint
 from tunnel.common.yamlsafe import item_path, load_yaml_document_file
 
 __all__ = [
@@ -45,13 +48,15 @@ __all__ = [
 
 ENV_SERVER = "TUNNEL_SERVER"
 ENV_TOKEN = "TUNNEL_TOKEN"
+ENV_FINGERPRINT = "TUNNEL_FINGERPRINT"
 SETTINGS_SOURCE = "tunnel-client"
 """Names the program in errors about a setting that was given nowhere."""
 MAX_EXPOSES = 256
 """Far more services than one client reasonably forwards; bounds the work per login."""
 
 _SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
-_FILE_KEYS = ("server", "token", "token_env", "token_file", "expose")
+_FILE_KEYS = ("server", "token", "token_env", "token_file", "key", "name", "fingerprint",
+              "ca_file", "insecure", "expose")
 _URL_FORMS = '"HOST:PORT", "ws://HOST:PORT[/PATH]" or "wss://HOST:PORT[/PATH]"'
 _UNSAFE_URL_CHARS = re.compile(r"[\s?#@\\]")
 
@@ -63,8 +68,14 @@ class ClientSettings:
     server_url: str
     server_host: str
     """Host part for messages, IPv6 bracketed so ``f"{server_host}:{port}"`` reads right."""
-    token: Secret
+    token: Secret | None
     exposes: tuple[ExposeSpec, ...]
+    private_key: Secret | None = None
+    """An Ed25519 key (from ``join``); used instead of a token when set."""
+    fingerprint: str | None = None
+    """Pinned SHA-256 of the relay certificate's public key; replaces CA verification."""
+    ca_file: Path | None = None
+    insecure: bool = False
 
 
 class _BadUrl(Exception):
@@ -74,7 +85,7 @@ class _BadUrl(Exception):
 def _split_scheme(value: str) -> tuple[str, str]:
     scheme, sep, rest = value.partition("://")
     if not sep:
-        return "ws", value
+        return "wss", value  # secure by default; ws:// must be written out
     mapped = _SCHEMES.get(scheme.lower())
     if mapped is None:
         raise _BadUrl(f"unsupported scheme {scheme!r}; use ws://, wss://, http:// or https://")
@@ -211,18 +222,66 @@ def _server(flag: str | None, env: Mapping[str, str], file: _FileSettings | None
                       f"set {ENV_SERVER} or put `server:` in the config file (--config)")
 
 
-def _token(flag: str | None, env: Mapping[str, str], file: _FileSettings | None) -> Secret:
+def _credential(flag: str | None, env: Mapping[str, str],
+                file: _FileSettings | None) -> tuple[Secret | None, Secret | None]:
+    """(token, private key): a token from flag/env wins over the file's token or key."""
     picked = _pick(flag, env, ENV_TOKEN)
     if picked is not None:
         value, source = picked[0], picked[1] or "--token"
         if len(value) < MIN_TOKEN_LENGTH:
             raise ConfigError(source, "", f"the token is too short; tokens need at least "
                                           f"{MIN_TOKEN_LENGTH} characters")
-        return Secret(value)
+        return Secret(value), None
+    if file is not None and "key" in file.data:
+        if any(k in file.data for k in ("token", "token_env", "token_file")):
+            raise file.ctx.error("key", "conflicting credentials: set either key or a token")
+        value = file.ctx.expect_str(file.data["key"], "key", "an ed25519: private key")
+        return None, parse_private_key(value, file.ctx.source, "key")
     if file is not None and any(k in file.data for k in ("token", "token_env", "token_file")):
-        return resolve_token(file.ctx, file.data, "", env)
-    raise ConfigError(SETTINGS_SOURCE, "token", "no token given; pass --token, set "
-                      f"{ENV_TOKEN} or put token/token_env/token_file in the config file")
+        return resolve_token(file.ctx, file.data, "", env), None
+    raise ConfigError(SETTINGS_SOURCE, "token", "no credential; run `tunnel-client join "
+                      f"JOIN_STRING` once, or pass --token, set {ENV_TOKEN} or put "
+                      "token/token_env/token_file in the config file")
+
+
+def _fingerprint(flag: str | None, env: Mapping[str, str],
+                 file: _FileSettings | None) -> str | None:
+    picked = _pick(flag, env, ENV_FINGERPRINT)
+    if picked is not None:
+        return parse_fingerprint(picked[0], picked[1] or "--fingerprint", "")
+    if file is not None and file.data.get("fingerprint") is not None:
+        value = file.ctx.expect_str(file.data["fingerprint"], "fingerprint", "sha256:HEX")
+        return parse_fingerprint(value, file.ctx.source, "fingerprint")
+    return None
+
+
+def _check_transport(url: str, fingerprint: str | None, insecure: bool) -> None:
+    """Plain ws:// only to loopback unless the user says --insecure; pins need wss://."""
+    if url.startswith("wss://"):
+        return
+    if fingerprint is not None:
+        raise ConfigError(SETTINGS_SOURCE, "fingerprint", "a pinned fingerprint needs a "
+                          "wss:// relay address")
+    host = _url_host(url).strip("[]")
+    if not insecure and not _is_loopback(host):
+        raise ConfigError(SETTINGS_SOURCE, "server", f"refusing plain ws:// to {host}: the "
+                          "link would be unencrypted; use wss://, or pass --insecure if TLS is "
+                          "terminated on a trusted network")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_client_config() -> Path:
+    """``$XDG_CONFIG_HOME/tunnel/client.yaml`` (``~/.config`` without XDG), written by join."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "tunnel" / "client.yaml"
 
 
 def _exposes(flags: Sequence[str], file: _FileSettings | None) -> tuple[ExposeSpec, ...]:
@@ -256,20 +315,35 @@ def _check_unique_remote(specs: Sequence[ExposeSpec]) -> None:
 
 
 def resolve_client_settings(*, server: str | None, token: str | None, exposes: Sequence[str],
-                            config_path: str | None, env: Mapping[str, str]) -> ClientSettings:
+                            config_path: str | None, env: Mapping[str, str],
+                            fingerprint: str | None = None, ca_file: str | None = None,
+                            insecure: bool = False) -> ClientSettings:
     """Merge flags, environment and the optional file (in that precedence) and validate.
 
     The file's ``server`` and ``expose`` are always checked, but its token source is only
     resolved when neither ``--token`` nor ``TUNNEL_TOKEN`` is set (so an unused
     ``token_env`` or ``token_file`` need not exist).
     """
+    if config_path is None and default_client_config().exists():
+        config_path = str(default_client_config())
     file = _load_file(config_path) if config_path is not None else None
     if file is not None:
         _check_file(file)
     url = _server(server, env, file)
+    pin = _fingerprint(fingerprint, env, file)
+    if file is not None and "insecure" in file.data:
+        insecure = insecure or file.data["insecure"] is True
+    _check_transport(url, pin, insecure)
+    if ca_file is None and file is not None and "ca_file" in file.data:
+        ca_file = str(file.ctx.base_dir / file.ctx.expect_str(file.data["ca_file"], "ca_file"))
+    token_value, private_key = _credential(token, env, file)
     return ClientSettings(
         server_url=url,
         server_host=_url_host(url),
-        token=_token(token, env, file),
+        token=token_value,
         exposes=_exposes(exposes, file),
+        private_key=private_key,
+        fingerprint=pin,
+        ca_file=Path(ca_file) if ca_file else None,
+        insecure=insecure,
     )

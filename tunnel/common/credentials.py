@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from tunnel.common.errors import ConfigError
+from tunnel.common.fingerprint import parse_fingerprint
 from tunnel.common.secret import Secret
-from tunnel.common.tls import parse_fingerprint
 
 __all__ = [
     "JOIN_PREFIX",
@@ -318,4 +318,5 @@ def decode_join(text: str) -> JoinInfo:
             private_key=_check_private_key(data["k"]),
         )
     except _Malformed as exc:
-        _malformed(str(exc))
+        problem = str(exc)
+    _malformed(problem)  # outside the except block, so no exception chain is attached

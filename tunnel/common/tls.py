@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tunnel.common.errors import ConfigError, FingerprintMismatch, TunnelError
+from tunnel.common.fingerprint import FINGERPRINT_PREFIX, parse_fingerprint
 
 __all__ = [
     "CERT_FILE",
@@ -52,7 +53,6 @@ __all__ = [
     "spki_fingerprint",
 ]
 
-FINGERPRINT_PREFIX = "sha256:"
 CERT_VALIDITY_DAYS = 3650
 KEY_FILE = "key.pem"
 CERT_FILE = "cert.pem"
@@ -69,9 +69,6 @@ TLS_DIR_MODE = 0o700
 KEY_FILE_MODE = 0o600
 CERT_FILE_MODE = 0o644
 
-MALFORMED_FINGERPRINT = "malformed fingerprint: expected sha256: followed by 64 hex digits"
-_FINGERPRINT_BODY = re.compile(r"[0-9a-f]{64}|[0-9a-f]{2}(?::[0-9a-f]{2}){31}")
-_MAX_FINGERPRINT_INPUT = len(FINGERPRINT_PREFIX) + 32 * 3
 """Longest accepted spelling (prefix + colon-separated pairs); longer input is never parsed."""
 _DNS_NAME = re.compile(
     r"(?:\*\.)?[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
@@ -80,6 +77,7 @@ _DNS_NAME = re.compile(
 _MAX_DNS_NAME_LENGTH = 253
 _HOSTS_SOURCE = "self-signed certificate"
 _TEMP_SUFFIX_BYTES = 4
+_NO_PASSWORD = b""
 
 log = logging.getLogger("tunnel.tls")
 
@@ -116,21 +114,6 @@ def cert_file_fingerprint(cert_path: Path) -> str:
     except ValueError:
         raise TlsFilesError([cert_path], "not a PEM certificate") from None
     return spki_fingerprint(cert.public_bytes(serialization.Encoding.DER))
-
-
-def parse_fingerprint(text: str, source: str, key: str = "fingerprint") -> str:
-    """Normalize the spellings users paste (upper case, ``AA:BB:…``, no prefix) to one form.
-
-    Malformed input is not echoed: it may be long garbage, or something secret pasted into
-    the wrong field.
-    """
-    candidate = text.strip().lower() if isinstance(text, str) else ""
-    if len(candidate) > _MAX_FINGERPRINT_INPUT:
-        raise ConfigError(source, key, MALFORMED_FINGERPRINT)
-    candidate = candidate.removeprefix(FINGERPRINT_PREFIX)
-    if not _FINGERPRINT_BODY.fullmatch(candidate):
-        raise ConfigError(source, key, MALFORMED_FINGERPRINT)
-    return FINGERPRINT_PREFIX + candidate.replace(":", "")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -317,8 +300,10 @@ def check_private_file(path: Path, log: logging.Logger) -> None:
 
 def _ssl_reason(exc: Exception) -> str:
     """A short reason from an ssl/OS error; these carry codes and paths, never file contents."""
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason).replace("_", " ").lower()
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason:
+            return str(exc.reason).replace("_", " ").lower()
+        return "not valid PEM (or the key is encrypted)"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return type(exc).__name__
@@ -329,7 +314,9 @@ def server_ssl_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MIN_TLS_VERSION
     try:
-        context.load_cert_chain(certfile=cert_path, keyfile=key_path)
+        # An empty password makes an encrypted key fail fast instead of OpenSSL prompting
+        # on the terminal, which would hang a relay started by systemd.
+        context.load_cert_chain(certfile=cert_path, keyfile=key_path, password=_NO_PASSWORD)
     except (ssl.SSLError, OSError) as exc:
         raise TlsFilesError([cert_path, key_path],
                             f"cannot load certificate and key: {_ssl_reason(exc)}") from None

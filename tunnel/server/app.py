@@ -3,26 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import logging
+import os
+import ssl
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, serve
 
 from ..common.auth import derive_key
-from ..common.config import ServerConfig
+from ..common.config import ServerConfig, load_server_config
 from ..common.credentials import generate_keypair, key_id
+from ..common.errors import ConfigError
 from ..common.frames import MAX_MESSAGE_SIZE
 from ..common.mux import GoAwayCode
+from ..common.portset import PortSet
+from ..common.tls import (
+    cert_file_fingerprint,
+    check_private_file,
+    ensure_self_signed,
+    server_ssl_context,
+)
 from .control import HANDSHAKE_TIMEOUT, ControlHandler
 from .guard import Penalties, PreAuthSlots
 from .leases import LeaseBook, SqliteLeaseStore
 from .listeners import bind_public_port
 from .registry import Registry
 
-__all__ = ["LEASE_DB_NAME", "SHUTDOWN_DRAIN_TIMEOUT", "Relay"]
+__all__ = ["LEASE_DB_NAME", "RELOAD_POLL_INTERVAL", "SHUTDOWN_DRAIN_TIMEOUT", "Relay",
+           "tls_dir"]
 
 LEASE_DB_NAME = "leases.sqlite3"
+TLS_DIR_NAME = "tls"
+#: How often the relay checks its config files for edits (add-client, remove-client).
+RELOAD_POLL_INTERVAL = 0.5
+#: Keys whose change needs a restart; a reload keeps their running values.
+_RESTART_KEYS = ("listen_host", "listen_port", "path", "public_host", "ports", "state_dir",
+                 "tls", "heartbeat_interval", "heartbeat_timeout", "log_level")
 #: How long SIGTERM waits for open streams to finish before resetting them.
 SHUTDOWN_DRAIN_TIMEOUT = 10.0
 _DRAIN_POLL = 0.05
@@ -37,7 +57,7 @@ class Relay:
         self.config = config
         self.registry = Registry()
         self.store = SqliteLeaseStore(Path(config.state_dir) / LEASE_DB_NAME)
-        self.leases = LeaseBook(self.store, config.ports, config.client_ports, clock=time.time)
+        self.leases = LeaseBook(self.store, config.ports, self._allowed_ports, clock=time.time)
         self.keys: dict[str, bytes] = {}
         self.public_keys: dict[str, tuple[str, str]] = {}
         self.decoy_key = generate_keypair()[1]
@@ -49,6 +69,14 @@ class Relay:
         self.control = ControlHandler(self)
         self._ws_server: Server | None = None
         self.started = time.time()
+        self.fingerprint: str | None = None
+        self._watched = self._file_stamps()
+
+    def _allowed_ports(self, name: str) -> PortSet:
+        """Read through ``self.config`` so a reload changes what a client may claim."""
+        if name not in self.config.clients:
+            return PortSet()
+        return self.config.client_ports(name)
 
     def _load_credentials(self, config: ServerConfig) -> None:
         """Token clients by name (HMAC keys), key clients by their public key id."""
@@ -64,22 +92,51 @@ class Relay:
         sock = next(iter(self._ws_server.sockets))
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        return f"ws://{shown}:{port}{self.config.path}"
+        scheme = "ws" if self.fingerprint is None and self.config.tls.mode == "off" else "wss"
+        return f"{scheme}://{shown}:{port}{self.config.path}"
 
     async def start(self) -> None:
+        """Bind everything; raises TlsFilesError or OSError before accepting anyone."""
+        ssl_context = self._tls_context()
         await self._bind_leased_ports()
         self._ws_server = await serve(
             self.control, self.config.listen_host, self.config.listen_port,
             process_request=self.control.process_request,
             compression=None, max_size=MAX_MESSAGE_SIZE, ping_interval=None,
             open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0,
-            server_header=None,
+            server_header=None, ssl=ssl_context,
         )
+        task = asyncio.create_task(self._watch_files(), name="config-watch")
+        self.background.add(task)
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if tls.mode == "off":
+            if not _is_loopback(self.config.listen_host):
+                log.warning("tls: off - the link is plain ws:// on %s; safe only behind a "
+                            "TLS-terminating proxy on this host", self.config.listen_host)
+            return None
+        if tls.mode == "auto":
+            key, cert, created = ensure_self_signed(tls_dir(self.config), cert_hosts(self.config))
+            if created:
+                log.info("generated the relay's TLS key and certificate in %s", key.parent)
+        else:
+            assert tls.cert is not None and tls.key is not None
+            cert, key = tls.cert, tls.key
+        check_private_file(key, log)
+        context = server_ssl_context(cert, key)
+        self.fingerprint = cert_file_fingerprint(cert)
+        return context
 
     async def _bind_leased_ports(self) -> None:
         """Keep every leased port bound from the start, owner online or not."""
         host = self.config.public_host
         for lease in self.leases.leases():
+            if lease.client not in self.config.clients:
+                log.info("releasing port %d: client %s is no longer configured", lease.port,
+                         lease.client)
+                self.leases.release(lease.port)
+                continue
             if lease.port not in self.config.ports:
                 log.warning("lease of port %d (client %s) is outside `ports`: not bound",
                             lease.port, lease.client)
@@ -91,6 +148,77 @@ class Relay:
                 log.warning("cannot bind leased port %d (client %s): %s", lease.port,
                             lease.client, exc.strerror or exc)
                 self.registry.drop(lease.port)
+
+    # ------------------------------------------------------------ reload
+
+    def _file_stamps(self) -> list[tuple[int, int] | None]:
+        stamps: list[tuple[int, int] | None] = []
+        for path in (Path(self.config.source), self.config.clients_file):
+            try:
+                info = os.stat(path) if path is not None else None
+            except OSError:
+                info = None
+            stamps.append((info.st_mtime_ns, info.st_size) if info is not None else None)
+        return stamps
+
+    async def _watch_files(self) -> None:
+        """Apply edits of server.yaml or the clients file without a restart."""
+        while True:
+            await asyncio.sleep(RELOAD_POLL_INTERVAL)
+            stamps = self._file_stamps()
+            if stamps != self._watched:
+                self._watched = stamps
+                self.reload()
+
+    def reload(self) -> None:
+        """Re-read the config; apply client changes, keep everything else as running.
+
+        A removed client's link is closed at once and its leases are released (its ports
+        become free); a client whose entry changed (credential or ports) is disconnected
+        so it logs in again under the new rules. Other clients are not touched.
+        """
+        try:
+            new = load_server_config(self.config.source)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        old = self.config
+        ignored = [key for key in _RESTART_KEYS if getattr(old, key) != getattr(new, key)]
+        if ignored:
+            log.warning("changes to %s need a restart; not applied", ", ".join(ignored))
+        self.config = dataclasses.replace(old, clients=new.clients, public_url=new.public_url,
+                                          clients_file=new.clients_file)
+        self._load_credentials(self.config)
+        removed = sorted(set(old.clients) - set(new.clients))
+        changed = sorted(name for name in set(old.clients) & set(new.clients)
+                         if old.clients[name] != new.clients[name])
+        for name in removed + changed:
+            self._disconnect(name, "client removed" if name in removed else "client changed")
+        for name in removed:
+            self._release_all(name)
+        self._watched = self._file_stamps()
+        log.info("configuration reloaded: %d clients; removed: %s; changed: %s",
+                 len(new.clients), ", ".join(removed) or "none", ", ".join(changed) or "none")
+
+    def _disconnect(self, name: str, reason: str) -> None:
+        record = self.registry.clients.get(name)
+        if record is None or record.link is None:
+            return
+        log.info("client %s: closing its link (%s)", name, reason)
+        link = record.link
+        self.registry.detach(name, link, time.time())
+        task = asyncio.create_task(link.close(GoAwayCode.REVOKED, reason))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def _release_all(self, name: str) -> None:
+        for lease in self.leases.leases_of(name):
+            self.leases.release(lease.port)
+            server = self.servers.pop(lease.port, None)
+            if server is not None:
+                server.close()
+            self.registry.drop(lease.port)
+            log.info("port %d released (client %s removed)", lease.port, name)
 
     async def stop(self, drain_timeout: float = SHUTDOWN_DRAIN_TIMEOUT) -> None:
         """Stop accepting, let open streams finish (bounded), then close every link."""
@@ -111,3 +239,33 @@ class Relay:
             task.cancel()
         self.store.close()
         log.info("relay stopped")
+
+
+def tls_dir(config: ServerConfig) -> Path:
+    """Where ``tls: auto`` keeps the relay's generated key and certificate."""
+    return Path(config.state_dir) / TLS_DIR_NAME
+
+
+def cert_hosts(config: ServerConfig) -> list[str]:
+    """Names the self-signed certificate is issued for (informational: clients pin it)."""
+    hosts: list[str] = []
+    if config.public_url:
+        host = urlsplit(config.public_url).hostname
+        if host:
+            hosts.append(host)
+    if not _is_wildcard(config.listen_host):
+        hosts.append(config.listen_host)
+    return hosts
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -17,6 +17,8 @@ from .. import __version__
 from ..common.config import ServerConfig, load_server_config
 from ..common.errors import ConfigError
 from ..common.runtime import run, setup_logging
+from ..common.tls import TlsFilesError
+from . import admin
 from .app import Relay
 from .leases import LeaseStoreError
 
@@ -31,9 +33,12 @@ log = logging.getLogger("tunnel.server")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Relay: accepts tunnel clients and publishes their ports.")
-    parser.add_argument("--config", "-c", required=True, metavar="FILE",
-                        help="server.yaml (see README: configuration reference)")
+        prog=PROG, description="Relay: accepts tunnel clients and publishes their ports.",
+        epilog="other commands: init, add-client, remove-client, list-clients "
+               "(tunnel-server COMMAND --help)")
+    parser.add_argument("--config", "-c", metavar="FILE",
+                        help="server.yaml (default: $TUNNEL_SERVER_CONFIG or "
+                             "~/.config/tunnel-server/server.yaml)")
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration and exit (0 when valid)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -43,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in admin.COMMANDS:
+        return admin.main(argv)
     args = _parser().parse_args(argv)
+    if args.config is None:
+        args.config = str(admin.default_config_path())
     try:
         config = load_server_config(args.config)
     except ConfigError as exc:
@@ -65,11 +75,17 @@ async def _serve(config: ServerConfig) -> int:
         return EXIT_CONFIG
     try:
         await relay.start()
+    except TlsFilesError as exc:
+        log.error("%s", exc)
+        await relay.stop(drain_timeout=0)
+        return EXIT_CONFIG
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.listen_host, config.listen_port,
                   exc.strerror or exc)
         await relay.stop(drain_timeout=0)
         return EXIT_BIND
+    if relay.fingerprint is not None:
+        print(f"{PROG}: tls fingerprint {relay.fingerprint}", flush=True)
     print(f"{PROG}: listening on {relay.url}", flush=True)
     log.info("relay %s ready: control %s, public ports %s on %s", __version__, relay.url,
              config.ports.describe(), config.public_host)
@@ -77,6 +93,7 @@ async def _serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, relay.reload)
     await stop.wait()
     log.info("shutting down")
     await relay.stop()

@@ -1,0 +1,79 @@
+"""``tunnel-client join JOIN_STRING``: store a relay's address, pin and this client's key.
+
+The join string printed by ``tunnel-server add-client`` is the only secret a user handles.
+Decoding it here (not at every start) means a bad paste fails once, with one clear line,
+and afterwards ``tunnel-client --expose 8888:fixed-6000`` needs no other flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from ..common.credentials import JoinInfo, decode_join
+from ..common.errors import ConfigError
+from .settings import default_client_config
+
+__all__ = ["join_main", "write_client_config"]
+
+PROG = "tunnel-client join"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+EXIT_CONFIG = 2
+_HEADER = ("# Written by `tunnel-client join`. It holds this client's private key: keep it "
+           "private (mode 0600).\n# Add `expose: [\"8888:fixed-6000\"]` to start tunnels "
+           "without flags.\n")
+
+
+def write_client_config(info: JoinInfo, path: Path) -> None:
+    """Write the settings file atomically, private from its first byte."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    body: dict[str, str] = {"server": info.server_url, "name": info.name}
+    if info.fingerprint is not None:
+        body["fingerprint"] = info.fingerprint
+    body["key"] = info.private_key.reveal()
+    fd, temp = tempfile.mkstemp(prefix=".client.yaml.", dir=path.parent)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(_HEADER + yaml.safe_dump(body, sort_keys=False))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def join_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("join_string", metavar="JOIN_STRING")
+    parser.add_argument("--config", help=f"where to write (default {default_client_config()})")
+    parser.add_argument("--force", action="store_true", help="replace an existing file")
+    args = parser.parse_args(argv)
+    path = Path(args.config) if args.config else default_client_config()
+    try:
+        info = decode_join(args.join_string)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if path.exists() and not args.force:
+        print(f"{PROG}: {path} already exists; pass --force to replace it", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        write_client_config(info, path)
+    except OSError as exc:
+        print(f"{PROG}: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    pin = f", pinned {info.fingerprint}" if info.fingerprint else ""
+    print(f"joined {info.server_url} as {info.name}{pin}; settings saved to {path}")
+    print("now run, for example: tunnel-client --expose 8888:fixed-6000")
+    return 0

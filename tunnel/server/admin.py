@@ -1,0 +1,309 @@
+"""Relay administration: ``init``, ``add-client``, ``remove-client``, ``list-clients``.
+
+These commands write files only; a running relay notices the edit (it watches its config
+files) and applies it without a restart. Secrets are generated here, never typed by a
+person: the relay keeps a client's *public* key, and the one secret the user handles is the
+join string printed once by ``add-client``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..common.config import CLIENT_NAME_PATTERN, ServerConfig, load_server_config
+from ..common.credentials import JoinInfo, encode_join, generate_keypair
+from ..common.errors import ConfigError
+from ..common.portset import PortSet
+from ..common.tls import cert_file_fingerprint, ensure_self_signed
+from ..common.yamlsafe import load_yaml_file
+from .app import LEASE_DB_NAME, cert_hosts, tls_dir
+from .leases import SqliteLeaseStore
+
+__all__ = ["COMMANDS", "default_config_path", "main"]
+
+PROG = "tunnel-server"
+CONFIG_ENV = "TUNNEL_SERVER_CONFIG"
+CLIENTS_FILE = "clients.yaml"
+ADMIN_PASSWORD_FILE = "admin-password"
+DEFAULT_LISTEN = "0.0.0.0:7000"
+DEFAULT_PORTS = "6000-6999"
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+EXIT_OK, EXIT_ERROR = 0, 2
+
+_CLIENTS_HEADER = ("# Clients of this relay, managed by `tunnel-server add-client` and "
+                   "`remove-client`.\n# Hand edits are fine too: the running relay reloads "
+                   "this file when it changes.\n# Only public keys are stored here.\n")
+
+
+def default_config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "tunnel-server"
+
+
+def default_config_path() -> Path:
+    """``$TUNNEL_SERVER_CONFIG``, else ``$XDG_CONFIG_HOME/tunnel-server/server.yaml``."""
+    explicit = os.environ.get(CONFIG_ENV)
+    return Path(explicit) if explicit else default_config_dir() / "server.yaml"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _write_private(path: Path, text: str, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Write atomically with ``mode`` from the first byte (never briefly world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def _ports_yaml(ports: PortSet) -> list[int | str]:
+    return [lo if lo == hi else f"{lo}-{hi}" for lo, hi in ports.ranges]
+
+
+def parse_port_spec(text: str) -> PortSet:
+    """``6000-6009`` or ``6000,6005,7000-7010`` from the command line."""
+    ranges: list[tuple[int, int]] = []
+    for part in text.split(","):
+        lo_text, _, hi_text = part.strip().partition("-")
+        try:
+            lo, hi = int(lo_text), int(hi_text or lo_text)
+        except ValueError:
+            raise ConfigError("--ports", text, "expected ports like 6000-6009 or "
+                              "6000,6005,7000-7010") from None
+        if not (1 <= lo <= hi <= 65535):
+            raise ConfigError("--ports", text, f"{part!r} is not a range within 1-65535")
+        ranges.append((lo, hi))
+    return PortSet(ranges)
+
+
+# --------------------------------------------------------------------------- init
+
+
+def _server_yaml(args: argparse.Namespace, ports: PortSet) -> str:
+    public_port = args.listen.rsplit(":", 1)[1]
+    host = args.public_host
+    shown = f"[{host}]" if ":" in host else host
+    return f"""# Relay configuration written by `tunnel-server init`; see the README for every key.
+listen: "{args.listen}"              # where clients connect
+public_url: "wss://{shown}:{public_port}/tunnel"   # what join strings tell clients
+path: /tunnel
+public_host: "{args.public_bind}"    # address the public ports bind to
+ports: {yaml.safe_dump(_ports_yaml(ports), default_flow_style=True).strip()}
+state_dir: state                     # leases and the TLS key live here
+tls: auto                            # self-signed, generated once, pinned by clients
+clients_file: {CLIENTS_FILE}
+"""
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    directory = Path(args.dir) if args.dir else default_config_dir()
+    config = directory / "server.yaml"
+    if config.exists() and not args.force:
+        print(f"{PROG} init: {config} already exists; pass --force to overwrite it "
+              "(the TLS key is kept)", file=sys.stderr)
+        return EXIT_ERROR
+    ports = parse_port_spec(args.ports)
+    directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    _write_private(config, _server_yaml(args, ports))
+    clients = directory / CLIENTS_FILE
+    if not clients.exists():
+        _write_private(clients, _CLIENTS_HEADER + "{}\n")
+    password = directory / ADMIN_PASSWORD_FILE
+    if not password.exists():
+        _write_private(password, secrets.token_urlsafe(18) + "\n")
+    loaded = load_server_config(config)
+    _, cert, _ = ensure_self_signed(tls_dir(loaded), cert_hosts(loaded))
+    print(f"wrote {config} (clients in {clients}, state in {loaded.state_dir})")
+    print(f"dashboard admin password stored in {password} (mode 0600)")
+    print(f"fingerprint: {cert_file_fingerprint(cert)}")
+    print("next:")
+    print(f"  tunnel-server add-client NAME --ports 6000-6009 --config {config}")
+    print(f"  tunnel-server --config {config}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def _load_clients_raw(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    data = load_yaml_file(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "", "expected a mapping of client name to settings")
+    return dict(data)
+
+
+def _save_clients(path: Path, data: dict[str, Any], config_path: Path) -> ServerConfig:
+    """Write the clients file, then validate the whole config; roll back if it fails."""
+    before = path.read_text(encoding="utf-8") if path.exists() else None
+    body = yaml.safe_dump(data, sort_keys=True, default_flow_style=False) if data else "{}\n"
+    _write_private(path, _CLIENTS_HEADER + body)
+    try:
+        return load_server_config(config_path)
+    except ConfigError:
+        if before is None:
+            path.unlink()
+        else:
+            _write_private(path, before)
+        raise
+
+
+def _clients_file(config: ServerConfig) -> Path:
+    if config.clients_file is None:
+        raise ConfigError(config.source, "clients_file", "not set; add `clients_file: "
+                          f"{CLIENTS_FILE}` to use add-client and remove-client")
+    return config.clients_file
+
+
+def _fingerprint(config: ServerConfig) -> str | None:
+    if config.tls.mode == "off":
+        return None  # TLS is terminated in front of the relay: clients verify its CA cert
+    if config.tls.mode == "files":
+        assert config.tls.cert is not None
+        return cert_file_fingerprint(config.tls.cert)
+    _, cert, _ = ensure_self_signed(tls_dir(config), cert_hosts(config))
+    return cert_file_fingerprint(cert)
+
+
+def cmd_add_client(args: argparse.Namespace) -> int:
+    config_path = Path(args.config) if args.config else default_config_path()
+    config = load_server_config(config_path)
+    name = args.name
+    if not re.fullmatch(CLIENT_NAME_PATTERN, name):
+        raise ConfigError("NAME", name, "names are 1-63 letters, digits, '.', '_' or '-', "
+                                        "starting with a letter or digit")
+    if name in config.clients:
+        raise ConfigError("NAME", name, "a client of that name exists; remove-client it first "
+                                        "or pick another name")
+    if config.public_url is None:
+        raise ConfigError(config.source, "public_url", "not set; add the URL clients use, "
+                          "e.g. public_url: wss://vps.example.com:7000/tunnel")
+    path = _clients_file(config)
+    data = _load_clients_raw(path)
+    private, public = generate_keypair()
+    try:  # encode first: never record a client whose join string cannot be printed
+        join = encode_join(JoinInfo(config.public_url, _fingerprint(config), name, private))
+    except ValueError as exc:
+        raise ConfigError(config.source, "public_url", str(exc)) from None
+    entry: dict[str, Any] = {"public_key": public}
+    if args.ports:
+        entry["ports"] = _ports_yaml(parse_port_spec(args.ports))
+    data[name] = entry
+    config = _save_clients(path, data, config_path)
+    allowed = config.client_ports(name).describe() or "none"
+    print(f"added client {name} (ports {allowed}) to {path}")
+    print(f"join string for {name} - it is the client's secret and is shown only once:")
+    print(f"  {join}")
+    print("on the client machine run:")
+    print(f"  tunnel-client join {join}")
+    return EXIT_OK
+
+
+def cmd_remove_client(args: argparse.Namespace) -> int:
+    config_path = Path(args.config) if args.config else default_config_path()
+    config = load_server_config(config_path)
+    name = args.name
+    if name not in config.clients:
+        raise ConfigError("NAME", name, "no such client")
+    path = _clients_file(config)
+    data = _load_clients_raw(path)
+    if name not in data:
+        raise ConfigError(config.source, f"clients.{name}", "this client is defined in the "
+                          "server config itself; remove it there")
+    del data[name]
+    _save_clients(path, data, config_path)
+    print(f"removed client {name}; a running relay disconnects it and releases its ports "
+          "within a second")
+    return EXIT_OK
+
+
+def cmd_list_clients(args: argparse.Namespace) -> int:
+    config_path = Path(args.config) if args.config else default_config_path()
+    config = load_server_config(config_path)
+    store = SqliteLeaseStore(Path(config.state_dir) / LEASE_DB_NAME)
+    try:
+        leases = store.load()
+    finally:
+        store.close()
+    print(f"{'NAME':<24} {'CREDENTIAL':<10} {'PORTS':<20} {'LEASES':<30} LAST SEEN")
+    for name, entry in sorted(config.clients.items()):
+        mine = [lease for lease in leases if lease.client == name]
+        held = ", ".join(f"{lease.port}({lease.kind})" for lease in mine) or "-"
+        seen = max((lease.last_seen for lease in mine), default=None)
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seen)) if seen else "never"
+        kind = "key" if entry.public_key else "token"
+        ports = config.client_ports(name).describe() or "none"
+        print(f"{name:<24} {kind:<10} {ports:<20} {held:<30} {when}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG)
+    sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="write a new relay config, TLS key and admin password")
+    init.add_argument("--public-host", required=True,
+                      help="the name or address clients use to reach this relay")
+    init.add_argument("--dir", help=f"config directory (default {default_config_dir()})")
+    init.add_argument("--listen", default=DEFAULT_LISTEN, help="link address HOST:PORT")
+    init.add_argument("--ports", default=DEFAULT_PORTS, help="public ports, e.g. 6000-6999")
+    init.add_argument("--public-bind", default="0.0.0.0",
+                      help="address the public ports bind to")
+    init.add_argument("--force", action="store_true", help="overwrite an existing config")
+    init.set_defaults(func=cmd_init)
+    for command, func, text in (("add-client", cmd_add_client, "add a client, print its join "
+                                 "string"),
+                                ("remove-client", cmd_remove_client, "remove a client"),
+                                ("list-clients", cmd_list_clients, "show clients and leases")):
+        cmd = sub.add_parser(command, help=text)
+        if command != "list-clients":
+            cmd.add_argument("name", metavar="NAME")
+        if command == "add-client":
+            cmd.add_argument("--ports", help="this client's own ports, e.g. 6000-6009")
+        cmd.add_argument("--config", "-c", help=f"server.yaml (default {default_config_path()})")
+        cmd.set_defaults(func=func)
+    return parser
+
+
+COMMANDS = ("init", "add-client", "remove-client", "list-clients")
+
+
+def main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR

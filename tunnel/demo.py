@@ -28,7 +28,8 @@ __all__ = ["main"]
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = 20.0
-_LISTENING = re.compile(r"listening on (ws://\S+)")
+_LISTENING = re.compile(r"listening on (wss?://\S+)")
+_FINGERPRINT = re.compile(r"tls fingerprint (sha256:[0-9a-f]{64})")
 _TUNNEL = re.compile(r"-> (\S+):(\d+) \((fixed|auto)\)")
 
 
@@ -103,14 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The token travels by environment, never on a command line (visible in `ps`).
         env = {**os.environ, "TUNNEL_DEMO_TOKEN": token, "TUNNEL_TOKEN": token}
         with _process(["-m", "tunnel.server.cli", "--config", str(config)], env) as relay:
+            pin = _wait_line(relay, _FINGERPRINT, "tunnel-server").group(1)
             url = _wait_line(relay, _LISTENING, "tunnel-server").group(1)
             target = f"{HOST}:{sample.server_address[1]}:fixed-{public_port}"
-            with _process(["-m", "tunnel.client.cli", "--server", url, "--expose", target],
-                          env) as client:
+            with _process(["-m", "tunnel.client.cli", "--server", url, "--fingerprint", pin,
+                           "--expose", target], env) as client:
                 match = _wait_line(client, _TUNNEL, "tunnel-client")
                 page = f"http://{match.group(1)}:{match.group(2)}/"
-                print(f"tunnel demo: relay {url}, sample service on "
-                      f"{HOST}:{sample.server_address[1]}")
+                print(f"tunnel demo: relay {url} (TLS, pinned {pin[:19]}...), sample "
+                      f"service on {HOST}:{sample.server_address[1]}")
                 print(f"tunnel demo: open {page}  (Ctrl+C to stop)", flush=True)
                 if args.once:
                     return _fetch_once(page)

@@ -30,6 +30,7 @@ from tunnel.common.config import (
     describe_value,
     resolve_token,
 )
+from tunnel.common.configbase import warn_if_readable
 from tunnel.common.credentials import parse_private_key
 from tunnel.common.errors import ConfigError
 from tunnel.common.secret import Secret
@@ -168,6 +169,8 @@ def _load_file(config_path: str) -> _FileSettings:
     ctx = ConfigContext(config_path, path.absolute().parent, doc.lines)
     data = ctx.expect_mapping(doc.data, "", "a mapping of settings at the top level")
     ctx.reject_unknown(data, "", _FILE_KEYS)
+    if "key" in data or "token" in data:
+        warn_if_readable(path, "client settings file holding a credential,")
     return _FileSettings(ctx, data)
 
 

@@ -28,6 +28,7 @@ from tunnel.common.configbase import (
     describe_value,
     port_set,
     resolve_token,
+    warn_if_readable,
 )
 from tunnel.common.credentials import parse_public_key
 from tunnel.common.errors import ConfigError
@@ -375,5 +376,10 @@ def load_server_config(path: str | Path, env: Mapping[str, str] | None = None) -
     """Load and validate a relay config file; ``env`` defaults to ``os.environ``."""
     file = Path(path)
     doc = load_yaml_document_file(file)
-    return parse_server_config(doc.data, str(path), file.absolute().parent,
-                               os.environ if env is None else env, doc.lines)
+    config = parse_server_config(doc.data, str(path), file.absolute().parent,
+                                 os.environ if env is None else env, doc.lines)
+    inline = doc.data.get("clients") if isinstance(doc.data, dict) else None
+    if isinstance(inline, dict) and any(isinstance(v, dict) and "token" in v
+                                        for v in inline.values()):
+        warn_if_readable(file, "relay config holding client tokens,")
+    return config

@@ -30,6 +30,7 @@ __all__ = [
     "port_range",
     "port_set",
     "resolve_token",
+    "warn_if_readable",
 ]
 
 log = logging.getLogger("tunnel.config")
@@ -163,12 +164,12 @@ def _token_from_env(ctx: ConfigContext, value: object, key: str,
     return _check_token_length(ctx, env[name], key, f"the token in environment variable {name}")
 
 
-def _warn_if_readable(path: Path) -> None:
-    """Tokens are credentials; a group/world readable file leaks them to other users."""
+def warn_if_readable(path: Path, what: str = "token file") -> None:
+    """Credentials in a group/world readable file leak to other users of the machine."""
     mode = path.stat().st_mode
     if mode & (stat.S_IRGRP | stat.S_IROTH):
-        log.warning("token file %s is readable by group or others (mode %o); "
-                    "run: chmod 600 %s", path, stat.S_IMODE(mode), path)
+        log.warning("%s %s is readable by group or others (mode %o); "
+                    "run: chmod 600 %s", what, path, stat.S_IMODE(mode), path)
 
 
 def _token_from_file(ctx: ConfigContext, value: object, key: str) -> Secret:
@@ -182,7 +183,7 @@ def _token_from_file(ctx: ConfigContext, value: object, key: str) -> Secret:
                                  f"{MAX_TOKEN_FILE_BYTES} bytes")
         with path.open("rb") as handle:
             raw = handle.read(MAX_TOKEN_FILE_BYTES + 1)
-        _warn_if_readable(path)
+        warn_if_readable(path)
     except OSError as exc:
         raise ctx.error(key, f"cannot read token file {path}: {exc.strerror or exc}") from None
     try:

@@ -45,6 +45,7 @@ __all__ = [
     "EXPOSE_TIMEOUT",
     "HANDSHAKE_TIMEOUT",
     "Connector",
+    "UntrustedCertificate",
     "backoff",
 ]
 
@@ -108,6 +109,14 @@ class Connector:
                             self.settings.server_url, exc.response.status_code)
             except InvalidURI as exc:
                 raise ConfigError("--server", self.settings.server_url, str(exc)) from exc
+            except ssl.SSLCertVerificationError as exc:
+                # Retrying cannot make an untrusted certificate trusted: say what to do.
+                raise UntrustedCertificate(self.settings.server_url,
+                                           exc.verify_message or str(exc)) from exc
+            except ConnectionRefusedError:
+                log.warning("cannot reach the relay at %s: connection refused (is "
+                            "tunnel-server running and the port open?)",
+                            self.settings.server_url)
             except _RETRYABLE as exc:
                 log.warning("link to %s lost or not established: %s", self.settings.server_url,
                             _describe(exc))
@@ -226,6 +235,15 @@ class Connector:
         if future is None or future.done():
             raise RemoteProtocolError(f"reply for unknown tunnel id {reply['id']}")
         future.set_result(reply)
+
+
+class UntrustedCertificate(ConfigError):
+    """The relay's certificate failed CA verification and no fingerprint is pinned."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__("--server", url, f"the relay's certificate is not trusted ({reason}); "
+                         "pin it with --fingerprint (tunnel-server prints it) or pass "
+                         "--ca-file")
 
 
 def pinned_connection(fingerprint: str) -> type[ClientConnection]:

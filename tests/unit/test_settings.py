@@ -24,6 +24,9 @@ ALL_TOKENS = (FLAG_TOKEN, ENV_TOKEN, FILE_TOKEN)
 
 @pytest.mark.parametrize(("value", "expected"), [
     ("vps.example.com:7000", "wss://vps.example.com:7000/tunnel"),
+    ("wss://vps.example.com/tunnel", "wss://vps.example.com:443/tunnel"),
+    ("ws://vps.example.com", "ws://vps.example.com:80/tunnel"),
+    ("https://[::1]/t", "wss://[::1]:443/t"),
     ("VPS.Example.com:7000", "wss://vps.example.com:7000/tunnel"),
     ("ws://vps.example.com:7000", "ws://vps.example.com:7000/tunnel"),
     ("ws://vps.example.com:7000/", "ws://vps.example.com:7000/tunnel"),
@@ -42,7 +45,7 @@ def test_normalize_server_url(value: str, expected: str) -> None:
 
 @pytest.mark.parametrize(("value", "expected"), [
     ("vps.example.com", "missing port"),
-    ("ws://vps.example.com/tunnel", "missing port"),
+    ("vps.example.com/tunnel", "missing port"),
     ("ftp://vps.example.com:7000", "unsupported scheme"),
     ("ws://vps.example.com:7000/t?token=x", "query strings"),
     ("ws://vps.example.com:7000/t#frag", "fragments"),

@@ -19,7 +19,7 @@ from .. import __version__
 from ..common.errors import AuthError, ClaimRefused, ConfigError, FingerprintMismatch
 from ..common.runtime import run, setup_logging
 from ..common.tls import TlsFilesError
-from .connector import Connector
+from .connector import Connector, UntrustedCertificate
 from .expose import EXPOSE_GRAMMAR
 from .join import join_main
 from .settings import ClientSettings, resolve_client_settings
@@ -102,6 +102,9 @@ async def _main(settings: ClientSettings) -> int:
         print(f"{PROG}: {exc}. This may be a man in the middle; nothing was sent. If the "
               "relay's key was replaced on purpose, join again with a new join string or "
               "pass the new --fingerprint.", file=sys.stderr)
+        return EXIT_REFUSED
+    except UntrustedCertificate as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except TlsFilesError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

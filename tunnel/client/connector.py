@@ -29,6 +29,7 @@ from ..common.errors import (
     ConfigError,
     FingerprintMismatch,
     RemoteProtocolError,
+    TunnelError,
 )
 from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed
@@ -237,13 +238,16 @@ class Connector:
         future.set_result(reply)
 
 
-class UntrustedCertificate(ConfigError):
-    """The relay's certificate failed CA verification and no fingerprint is pinned."""
+class UntrustedCertificate(TunnelError):
+    """The relay's certificate failed CA verification and no fingerprint is pinned.
+
+    Like a fingerprint mismatch this is a refusal (exit 3), not a config error: an expired
+    certificate renewed on the relay must heal a client that a service manager restarts.
+    """
 
     def __init__(self, url: str, reason: str) -> None:
-        super().__init__("--server", url, f"the relay's certificate is not trusted ({reason}); "
-                         "pin it with --fingerprint (tunnel-server prints it) or pass "
-                         "--ca-file")
+        super().__init__(f"the certificate of {url} is not trusted ({reason}); pin it with "
+                         "--fingerprint (tunnel-server prints it) or pass --ca-file")
 
 
 def pinned_connection(fingerprint: str) -> type[ClientConnection]:

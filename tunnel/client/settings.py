@@ -93,7 +93,14 @@ def _split_scheme(value: str) -> tuple[str, str]:
     return mapped, rest
 
 
-def _split_host_port(authority: str) -> tuple[str, int]:
+_DEFAULT_PORTS = {"wss": 443, "ws": 80}
+
+
+def _split_host_port(authority: str, default_port: int | None) -> tuple[str, int]:
+    """``default_port`` applies to URLs with an explicit scheme (wss://host means 443)."""
+    if default_port is not None and (
+            authority.endswith("]") or (":" not in authority and authority)):
+        authority = f"{authority}:{default_port}"
     if authority.startswith("["):
         host, sep, port_text = authority[1:].partition("]:")
         if not sep:
@@ -106,7 +113,7 @@ def _split_host_port(authority: str) -> tuple[str, int]:
     else:
         host, sep, port_text = authority.rpartition(":")
         if not sep:
-            raise _BadUrl("missing port; the relay has no default port, write HOST:PORT")
+            raise _BadUrl("missing port; write HOST:PORT (wss://HOST alone means port 443)")
         if not is_valid_host(host):
             raise _BadUrl(f"{host!r} is not a valid host name or address "
                           "(write IPv6 addresses in brackets)")
@@ -126,7 +133,8 @@ def _split_url(value: str) -> tuple[str, str, int, str]:
         raise _BadUrl("spaces, '\\', query strings ('?') and fragments ('#') are not allowed")
     scheme, rest = _split_scheme(value)
     authority, slash, path = rest.partition("/")
-    host, port = _split_host_port(authority)
+    explicit = "://" in value
+    host, port = _split_host_port(authority, _DEFAULT_PORTS[scheme] if explicit else None)
     # No path, or just "/", means the relay's default path.
     full_path = f"/{path}" if slash and path else DEFAULT_PATH
     return scheme, host, port, full_path

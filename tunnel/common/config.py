@@ -20,6 +20,12 @@ from types import MappingProxyType
 from typing import Literal
 from urllib.parse import urlsplit
 
+from tunnel.common.config_dashboard import (
+    AlertSettings,
+    DashboardSettings,
+    parse_alerts,
+    parse_dashboard,
+)
 from tunnel.common.configbase import (
     MAX_TOKEN_FILE_BYTES,
     MIN_TOKEN_LENGTH,
@@ -72,7 +78,7 @@ _LISTEN_EXPECTED = '"HOST:PORT", e.g. "0.0.0.0:7000" or "[::1]:7000"'
 _CREDENTIAL_KEYS = (*TOKEN_KEYS, "public_key")
 _SERVER_KEYS = ("listen", "path", "public_host", "ports", "state_dir", "clients",
                 "clients_file", "public_url", "heartbeat_interval", "heartbeat_timeout",
-                "log_level", "tls")
+                "log_level", "tls", "dashboard", "alerts")
 _CLIENT_KEYS = (*_CREDENTIAL_KEYS, "ports")
 _UNSAFE_PATH_CHARS = re.compile(r"[\s?#]")
 _TLS_KEYS = ("cert", "key")
@@ -122,6 +128,8 @@ class ServerConfig:
     public_url: str | None = None
     clients_file: Path | None = None
     config_dir: Path = field(default_factory=Path)
+    dashboard: DashboardSettings | None = None
+    alerts: AlertSettings | None = None
 
     def client_ports(self, name: str) -> PortSet:
         """Ports ``name`` may claim: its own ``ports``, else relay ports nobody reserved.
@@ -322,8 +330,12 @@ def _public_url(ctx: ConfigContext, top: Mapping[str, object]) -> str | None:
         return None
     text = ctx.expect_str(top["public_url"], "public_url", "a URL like wss://HOST:PORT/PATH")
     parts = urlsplit(text)
+    try:
+        port_ok = parts.port is None or 1 <= parts.port <= MAX_PORT
+    except ValueError:
+        port_ok = False
     if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.query \
-            or parts.fragment or parts.username:
+            or parts.fragment or "@" in parts.netloc or re.search(r"\s", text) or not port_ok:
         raise ctx.error("public_url", "expected a URL like wss://vps.example.com:7000/tunnel, "
                                       f"got {describe_value(text)}")
     return text
@@ -369,6 +381,8 @@ def parse_server_config(data: object, source: str, base_dir: Path, env: Mapping[
         public_url=_public_url(ctx, top),
         clients_file=clients_file,
         config_dir=base_dir,
+        dashboard=parse_dashboard(ctx, top, env),
+        alerts=parse_alerts(ctx, top),
     )
 
 

@@ -84,16 +84,17 @@ async def _serve(config: ServerConfig) -> int:
                   exc.strerror or exc)
         await relay.stop(drain_timeout=0)
         return EXIT_BIND
-    if relay.fingerprint is not None:
-        print(f"{PROG}: tls fingerprint {relay.fingerprint}", flush=True)
-    print(f"{PROG}: listening on {relay.url}", flush=True)
-    log.info("relay %s ready: control %s, public ports %s on %s", __version__, relay.url,
-             config.ports.describe(), config.public_host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, relay.reload)
+    # The ready line comes after the handlers: a signal sent on seeing it must be handled.
+    if relay.fingerprint is not None:
+        print(f"{PROG}: tls fingerprint {relay.fingerprint}", flush=True)
+    print(f"{PROG}: listening on {relay.url}", flush=True)
+    log.info("relay %s ready: control %s, public ports %s on %s", __version__, relay.url,
+             config.ports.describe(), config.public_host)
     await stop.wait()
     log.info("shutting down")
     await relay.stop()

@@ -71,10 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            env=os.environ, fingerprint=args.fingerprint,
                                            ca_file=args.ca_file, insecure=args.insecure)
     except ConfigError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(_message(exc), file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(args.log_level)
     return run(_main(settings))
+
+
+def _message(exc: ConfigError) -> str:
+    """One line; errors about the settings as a whole already name the program."""
+    text = str(exc)
+    return text if text.startswith(f"{PROG}:") else f"{PROG}: {text}"
 
 
 def _announce(line: str) -> None:
@@ -110,7 +116,7 @@ async def _main(settings: ClientSettings) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except ConfigError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(_message(exc), file=sys.stderr)
         return EXIT_CONFIG
     log.info("stopped")
     return 0

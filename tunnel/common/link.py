@@ -369,6 +369,9 @@ class Link:
         await self._flush_quietly()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(CLOSE_GOING_AWAY, reason[:100]), 2.0)
+        # A peer (or proxy) that never finishes the close must not hold a shutdown for the
+        # TLS shutdown timeout: after the bounded polite close, drop the connection.
+        self.ws.transport.abort()
 
     def abort(self, reason: str) -> None:
         """Drop the link at once (dead peer, replaced session)."""

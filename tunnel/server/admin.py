@@ -24,7 +24,7 @@ import yaml
 
 from ..common.config import CLIENT_NAME_PATTERN, ServerConfig, load_server_config
 from ..common.credentials import JoinInfo, encode_join, generate_keypair
-from ..common.errors import ConfigError
+from ..common.errors import ConfigError, TunnelError
 from ..common.portset import PortSet
 from ..common.tls import cert_file_fingerprint, ensure_self_signed
 from ..common.yamlsafe import load_yaml_file
@@ -87,12 +87,12 @@ def parse_port_spec(text: str) -> PortSet:
     """``6000-6009`` or ``6000,6005,7000-7010`` from the command line."""
     ranges: list[tuple[int, int]] = []
     for part in text.split(","):
-        lo_text, _, hi_text = part.strip().partition("-")
-        try:
-            lo, hi = int(lo_text), int(hi_text or lo_text)
-        except ValueError:
+        match = re.fullmatch(r"\s*([1-9][0-9]{0,4})(?:-([1-9][0-9]{0,4}))?\s*", part)
+        if match is None:
             raise ConfigError("--ports", text, "expected ports like 6000-6009 or "
-                              "6000,6005,7000-7010") from None
+                              "6000,6005,7000-7010")
+        lo = int(match.group(1))
+        hi = int(match.group(2) or lo)
         if not (1 <= lo <= hi <= 65535):
             raise ConfigError("--ports", text, f"{part!r} is not a range within 1-65535")
         ranges.append((lo, hi))
@@ -115,6 +115,10 @@ ports: {yaml.safe_dump(_ports_yaml(ports), default_flow_style=True).strip()}
 state_dir: state                     # leases and the TLS key live here
 tls: auto                            # self-signed, generated once, pinned by clients
 clients_file: {CLIENTS_FILE}
+dashboard:                           # status page, API and /metrics (localhost only)
+  listen: "{args.dashboard_listen}"
+  username: admin
+  password_file: {ADMIN_PASSWORD_FILE}
 """
 
 
@@ -127,14 +131,22 @@ def cmd_init(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     ports = parse_port_spec(args.ports)
     directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
-    _write_private(config, _server_yaml(args, ports))
     clients = directory / CLIENTS_FILE
     if not clients.exists():
         _write_private(clients, _CLIENTS_HEADER + "{}\n")
     password = directory / ADMIN_PASSWORD_FILE
     if not password.exists():
         _write_private(password, secrets.token_urlsafe(18) + "\n")
-    loaded = load_server_config(config)
+    before = config.read_text(encoding="utf-8") if config.exists() else None
+    _write_private(config, _server_yaml(args, ports))
+    try:  # never leave a config behind that the relay cannot load
+        loaded = load_server_config(config)
+    except ConfigError:
+        if before is None:
+            config.unlink()
+        else:
+            _write_private(config, before)
+        raise
     _, cert, _ = ensure_self_signed(tls_dir(loaded), cert_hosts(loaded))
     print(f"wrote {config} (clients in {clients}, state in {loaded.state_dir})")
     print(f"dashboard admin password stored in {password} (mode 0600)")
@@ -277,6 +289,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--ports", default=DEFAULT_PORTS, help="public ports, e.g. 6000-6999")
     init.add_argument("--public-bind", default="0.0.0.0",
                       help="address the public ports bind to")
+    init.add_argument("--dashboard-listen", default="127.0.0.1:7500",
+                      help="status page address (keep it on localhost; use an SSH tunnel)")
     init.add_argument("--force", action="store_true", help="overwrite an existing config")
     init.set_defaults(func=cmd_init)
     for command, func, text in (("add-client", cmd_add_client, "add a client, print its join "
@@ -301,7 +315,7 @@ def main(argv: Sequence[str]) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except ConfigError as exc:
+    except (ConfigError, TunnelError) as exc:  # TlsFilesError, LeaseStoreError included
         print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:

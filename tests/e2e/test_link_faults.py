@@ -33,7 +33,13 @@ from tests.e2e.harness import (
 from tests.e2e.services import EchoService, assert_closed_quickly, echo_check
 from tunnel.common import messages as msg
 from tunnel.common.auth import client_proof, derive_key, new_nonce
-from tunnel.common.frames import Frame, FrameType, decode_frames, encode_frame
+from tunnel.common.frames import (
+    MAX_MESSAGE_SIZE,
+    Frame,
+    FrameType,
+    decode_frames,
+    encode_frame,
+)
 from tunnel.common.secret import Secret
 
 MIB = 1024 * 1024
@@ -207,3 +213,30 @@ async def test_wrong_token_and_unknown_client_same_answer(tmp_path: Path) -> Non
         finally:
             await ws.close()
     assert answers[0] == answers[1] == {"type": "refused", "reason": "authentication failed"}
+
+
+async def test_ping_flood_from_a_peer_that_never_reads_drops_only_that_link(
+        tmp_path: Path) -> None:
+    """Reliability B-7: replies we owe a flooding peer are capped; the relay stays healthy."""
+    echo = EchoService()
+    await echo.start()
+    bad_port, good_port = free_ports(2)
+    server, url = await start_server(tmp_path, server_config(tmp_path, [bad_port, good_port]))
+    good = await start_client(url, "beta-secret-token-00002", [f"{echo.target}:fixed-{good_port}"])
+    assert await wait_tunnel(good, echo.target) == good_port
+    ws, _ = await _login(url, ALPHA_TOKEN)
+    mark = len(server.stderr_lines)
+    ping = encode_frame(Frame(FrameType.PING, value=7))
+    burst = ping * (MAX_MESSAGE_SIZE // len(ping))
+    try:
+        assert _first_control(await ws.recv())["type"] == "welcome"
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(20):
+                for _ in range(400):  # bounded: at most ~100 MB of pings, never reading
+                    await ws.send(burst)
+    finally:
+        await ws.close()
+    await server.wait_for_line(r"floods control frames|does not read", timeout=10,
+                               since=mark, stream="stderr")
+    assert server.returncode is None
+    await echo_check(good_port, MIB)

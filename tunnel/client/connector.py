@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import ssl
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from ..common.tls import check_pin, client_ssl_context
 from .dialer import Dialer
 from .expose import ExposeSpec
 from .settings import ClientSettings
+from .telemetry import telemetry_interval, telemetry_provider
 
 __all__ = [
     "BACKOFF_CAP",
@@ -93,6 +95,8 @@ class Connector:
         self.dialer = Dialer(self.tunnels)
         self.link: Link | None = None
         self.replaced = False  # the last link ended because a newer login took over
+        self.telemetry = telemetry_provider(os.environ)
+        self.telemetry_interval = telemetry_interval(os.environ)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Return when ``stop`` is set; raise AuthError/ClaimRefused/ConfigError if final."""
@@ -134,6 +138,7 @@ class Connector:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
         self.dialer.cancel()
+        self.telemetry.close()
 
     async def _session(self, stop: asyncio.Event) -> bool:
         """One link from connect to close; returns whether tunnels went live."""
@@ -152,8 +157,10 @@ class Connector:
             link.on_open = self.dialer.on_open
             self.link = link
             runner = asyncio.create_task(link.run())
+            reporter: asyncio.Task[None] | None = None
             try:
                 await self._announce(link, replies, runner)
+                reporter = asyncio.create_task(self._report_telemetry(link))
                 stopper = asyncio.create_task(stop.wait())
                 await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 stopper.cancel()
@@ -166,9 +173,24 @@ class Connector:
                 return True
             finally:
                 self.link = None
+                if reporter is not None:
+                    reporter.cancel()
                 runner.cancel()
                 with contextlib.suppress(BaseException):
                     await runner
+
+    async def _report_telemetry(self, link: Link) -> None:
+        """Send host figures now and every interval; sampling runs off the event loop."""
+        provider = self.telemetry
+        while True:
+            try:
+                sample = await asyncio.to_thread(provider.sample)
+            except Exception:  # a broken sensor must never take the tunnel down
+                log.exception("telemetry sample failed")
+                sample = {"gpu_status": "telemetry failed"}
+            link.mux.send_control({"type": msg.TELEMETRY, **sample})
+            link.kick()
+            await asyncio.sleep(self.telemetry_interval)
 
     async def _login(self, link: Link) -> None:
         challenge = msg.parse(await link.receive_control(HANDSHAKE_TIMEOUT), msg.CHALLENGE)

@@ -56,6 +56,13 @@ __all__ = [
 #: Queued DATA bytes on a link above which every stream pauses reading its socket.
 LINK_HIGH_WATER = 1024 * 1024
 LINK_LOW_WATER = LINK_HIGH_WATER // 4
+#: A peer that lets this much pile up in our send buffer is not reading: drop it. Our own
+#: writer waits for the buffer to drain long before this, so only replies we cannot hold
+#: back (WebSocket pongs, control replies to a flood) ever get here (reliability B-7).
+LINK_WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
+#: Queued control replies (pongs, resets) above which the peer is flooding us.
+LINK_URGENT_LIMIT = 1024 * 1024
+WATCHDOG_INTERVAL = 0.5
 #: Bytes a stream buffers from its socket beyond what its window lets it send.
 STREAM_READ_LIMIT = MAX_DATA_PAYLOAD
 #: WebSocket close codes used when we end a link.
@@ -107,6 +114,8 @@ class StreamSocket(asyncio.Protocol):
         self._write_paused = False
         self._uncredited = 0
         self.closed = False
+        self.bytes_in = 0  # this connection alone, for the status page
+        self.bytes_out = 0
 
     # ------------------------------------------------------------ attach
 
@@ -139,7 +148,9 @@ class StreamSocket(asyncio.Protocol):
         link = self.link
         if link is None or self.closed:
             return
-        self.traffic.bytes_in += len(data)
+        size = len(data)
+        self.traffic.bytes_in += size
+        self.bytes_in += size
         if self._backlog:
             self._backlog += data
         else:
@@ -182,6 +193,7 @@ class StreamSocket(asyncio.Protocol):
         size = len(data)
         transport.write(data)
         self.traffic.bytes_out += size
+        self.bytes_out += size
         if self._write_paused:
             self._uncredited += size
         elif self.link is not None:
@@ -265,6 +277,9 @@ class StreamSocket(asyncio.Protocol):
         if self.link is not None:
             self.link.paused.discard(self)
 
+    def detached(self) -> None:
+        """The stream left its link (finished, reset or the link died); a hook."""
+
     def link_drained(self) -> None:
         """The link's queue fell below the low-water mark."""
         if not self._backlog:
@@ -333,12 +348,14 @@ class Link:
         if self.streams.get(sock.stream_id) is sock:
             del self.streams[sock.stream_id]
             sock.traffic.streams_open -= 1
+            sock.detached()
         self.paused.discard(sock)
 
     async def run(self) -> None:
         """Serve the link until it closes; every stream is aborted when it does."""
         tasks = [asyncio.create_task(self._write_loop(), name=f"link-writer-{self.name}"),
-                 asyncio.create_task(self._heartbeat_loop(), name=f"link-heartbeat-{self.name}")]
+                 asyncio.create_task(self._heartbeat_loop(), name=f"link-heartbeat-{self.name}"),
+                 asyncio.create_task(self.watchdog(), name=f"link-watchdog-{self.name}")]
         try:
             await self._read_loop()
         except RemoteProtocolError as exc:
@@ -396,6 +413,8 @@ class Link:
                 self._dispatch(event)
             if mux.has_output():
                 self._wake.set()
+                if mux.urgent_bytes() > LINK_URGENT_LIMIT:
+                    raise RemoteProtocolError("peer floods control frames without reading")
 
     def _dispatch(self, event: Event) -> None:
         streams = self.streams
@@ -462,6 +481,18 @@ class Link:
             self._ping_sent[ping_id] = now
             self.mux.send_ping(ping_id)
             self.kick()
+
+    async def watchdog(self) -> None:
+        """Drop the link when the peer stops reading (also run during the login)."""
+        transport = self.ws.transport
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL)
+            buffered = transport.get_write_buffer_size()
+            if buffered > LINK_WRITE_BUFFER_LIMIT:
+                self.log.warning("link of %s: peer does not read (%d bytes queued): "
+                                 "dropping it", self.name, buffered)
+                self.abort("peer does not read")
+                return
 
     async def _flush_quietly(self) -> None:
         with contextlib.suppress(Exception):

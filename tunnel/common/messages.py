@@ -22,6 +22,7 @@ __all__ = [
     "EXPOSED",
     "EXPOSE_REFUSED",
     "REFUSED",
+    "TELEMETRY",
     "WELCOME",
     "b64decode",
     "b64encode",
@@ -36,6 +37,7 @@ EXPOSE: Final = "expose"  # client -> relay: claim a public port for a local tar
 EXPOSED: Final = "exposed"  # relay -> client: the tunnel is live on this port
 EXPOSE_REFUSED: Final = "expose_refused"  # relay -> client: claim refused, with the reason
 ERROR: Final = "error"  # either way: a fatal problem, the link closes next
+TELEMETRY: Final = "telemetry"  # client -> relay: host CPU, memory and GPU figures
 
 _Spec = dict[str, tuple[type, ...]]
 _OPT_INT = (int, type(None))
@@ -53,6 +55,7 @@ SCHEMAS: Final[dict[str, _Spec]] = {
     EXPOSED: {"id": (int,), "port": (int,), "mode": (str,)},
     EXPOSE_REFUSED: {"id": (int,), "port": _OPT_INT, "reason": (str,)},
     ERROR: {"message": (str,)},
+    TELEMETRY: {},  # every field optional; see tunnel.common.telemetry_schema.normalize
 }
 
 MAX_TEXT = 1024  # longest string field accepted from a peer

@@ -210,6 +210,10 @@ class Mux:
         self.pending_data_bytes -= size
         return b"".join(batch)
 
+    def urgent_bytes(self) -> int:
+        """Size of the queued control frames (a flood check for the I/O layer)."""
+        return sum(len(frame) for frame in self._urgent)
+
     def has_output(self) -> bool:
         return bool(self._urgent or self._data)
 

@@ -9,6 +9,7 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,9 +29,11 @@ from ..common.tls import (
     server_ssl_context,
 )
 from .control import HANDSHAKE_TIMEOUT, ControlHandler
+from .dashboard import Alerts, Dashboard, start_alerts, start_dashboard
 from .guard import Penalties, PreAuthSlots
 from .leases import LeaseBook, SqliteLeaseStore
 from .listeners import bind_public_port
+from .monitor import Monitor
 from .registry import Registry
 
 __all__ = ["LEASE_DB_NAME", "RELOAD_POLL_INTERVAL", "SHUTDOWN_DRAIN_TIMEOUT", "Relay",
@@ -71,6 +74,14 @@ class Relay:
         self.started = time.time()
         self.fingerprint: str | None = None
         self._watched = self._file_stamps()
+        self.monitor = Monitor(self.registry, Path(config.state_dir))
+        self.stats = self.monitor.stats
+        self.history = self.monitor.history
+        #: Called with (client name, online) on every presence change (alerts, dashboard).
+        self.presence_listeners: list[Callable[[str, bool], None]] = []
+        self.dashboard: Dashboard | None = None
+        self.alerts: Alerts | None = None
+        self.registry.sync_clients(set(config.clients))
 
     def _allowed_ports(self, name: str) -> PortSet:
         """Read through ``self.config`` so a reload changes what a client may claim."""
@@ -108,6 +119,40 @@ class Relay:
         )
         task = asyncio.create_task(self._watch_files(), name="config-watch")
         self.background.add(task)
+        self.monitor.start()
+        self.dashboard = await start_dashboard(self)
+        self.alerts = start_alerts(self)
+
+    # ------------------------------------------------------------ presence and admin
+
+    def presence(self, name: str, online: bool) -> None:
+        for listener in list(self.presence_listeners):
+            try:
+                listener(name, online)
+            except Exception:  # a listener's bug must not break a login
+                log.exception("presence listener failed")
+
+    def disconnect_client(self, name: str) -> bool:
+        """Admin action: drop a client's link (it will log in again by itself)."""
+        record = self.registry.clients.get(name)
+        if record is None or record.link is None:
+            return False
+        self._disconnect(name, "disconnected by the admin", GoAwayCode.NORMAL)
+        return True
+
+    def release_lease(self, port: int) -> bool:
+        """Admin action: forget a lease; the port is free for anyone allowed."""
+        lease = self.leases.release(port)
+        if lease is None:
+            return False
+        server = self.servers.pop(port, None)
+        if server is not None:
+            server.close()
+        record = self.registry.tunnels.pop(port, None)
+        for sock in list(record.connections) if record is not None else []:
+            sock.abort()
+        log.info("port %d released by the admin (was client %s)", port, lease.client)
+        return True
 
     def _tls_context(self) -> ssl.SSLContext | None:
         tls = self.config.tls
@@ -189,6 +234,7 @@ class Relay:
         self.config = dataclasses.replace(old, clients=new.clients, public_url=new.public_url,
                                           clients_file=new.clients_file)
         self._load_credentials(self.config)
+        self.registry.sync_clients(set(new.clients))
         removed = sorted(set(old.clients) - set(new.clients))
         changed = sorted(name for name in set(old.clients) & set(new.clients)
                          if old.clients[name] != new.clients[name])
@@ -200,14 +246,16 @@ class Relay:
         log.info("configuration reloaded: %d clients; removed: %s; changed: %s",
                  len(new.clients), ", ".join(removed) or "none", ", ".join(changed) or "none")
 
-    def _disconnect(self, name: str, reason: str) -> None:
+    def _disconnect(self, name: str, reason: str,
+                    code: GoAwayCode = GoAwayCode.REVOKED) -> None:
         record = self.registry.clients.get(name)
         if record is None or record.link is None:
             return
         log.info("client %s: closing its link (%s)", name, reason)
         link = record.link
         self.registry.detach(name, link, time.time())
-        task = asyncio.create_task(link.close(GoAwayCode.REVOKED, reason))
+        self.presence(name, False)
+        task = asyncio.create_task(link.close(code, reason))
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
@@ -222,6 +270,10 @@ class Relay:
 
     async def stop(self, drain_timeout: float = SHUTDOWN_DRAIN_TIMEOUT) -> None:
         """Stop accepting, let open streams finish (bounded), then close every link."""
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+        if self.alerts is not None:
+            await self.alerts.stop()
         if self._ws_server is not None:
             self._ws_server.close(close_connections=False)
         for server in self.servers.values():
@@ -237,6 +289,7 @@ class Relay:
             await self._ws_server.wait_closed()
         for task in list(self.background):
             task.cancel()
+        await self.monitor.stop()
         self.store.close()
         log.info("relay stopped")
 

@@ -26,6 +26,7 @@ from ..common.errors import ClaimRefused, RemoteProtocolError
 from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed
 from ..common.mux import GoAwayCode, Mux, Role
+from ..common.telemetry_schema import normalize as normalize_telemetry
 from .listeners import bind_public_port, port_is_free
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ PRE_AUTH_MAX_MESSAGE = 4096
 AUTH_FAILED = "authentication failed"
 CLOSE_AUTH_FAILED = 1008
 CLOSE_TRY_LATER = 1013
+#: Telemetry closer together than this is dropped (clients send every few seconds).
+MIN_TELEMETRY_GAP = 0.1
 
 log = logging.getLogger("tunnel.server.control")
 
@@ -80,7 +83,11 @@ class ControlHandler:
             link = Link(ws, Mux(Role.RELAY), name="?", logger=log,
                         heartbeat_interval=relay.config.heartbeat_interval,
                         heartbeat_timeout=relay.config.heartbeat_timeout)
-            hello = await self._login(link, source)
+            watchdog = asyncio.create_task(link.watchdog())
+            try:
+                hello = await self._login(link, source)
+            finally:
+                watchdog.cancel()
         finally:
             relay.preauth.release(source)
         if hello is None:
@@ -146,6 +153,7 @@ class ControlHandler:
             relay.background.add(task)
             task.add_done_callback(relay.background.discard)
         relay.leases.mark_online(name)
+        relay.presence(name, True)
         link.on_control = self._on_control
         await link.send_now({"type": msg.WELCOME, "client": name,
                              "heartbeat_interval": relay.config.heartbeat_interval,
@@ -158,14 +166,31 @@ class ControlHandler:
             if relay.registry.detach(name, link, self.clock()):
                 reason = link.close_reason or "link closed"
                 log.info("client %s offline: %s", name, reason)
+                relay.presence(name, False)
 
     # ------------------------------------------------------------ claims
 
     def _on_control(self, link: Link, message: dict[str, Any]) -> None:
-        request = msg.parse(message, msg.EXPOSE)
+        request = msg.parse(message, msg.EXPOSE, msg.TELEMETRY)
+        if request["type"] == msg.TELEMETRY:
+            self._on_telemetry(link, request)
+            return
         task = asyncio.create_task(self._expose(link, request))
         self.relay.background.add(task)
         task.add_done_callback(self.relay.background.discard)
+
+    def _on_telemetry(self, link: Link, message: dict[str, Any]) -> None:
+        """Keep the latest host figures; a client flooding them is throttled, not heard."""
+        record = self.relay.registry.clients.get(link.name)
+        if record is None or record.link is not link:
+            return
+        now = self.clock()
+        if record.telemetry_at is not None and now - record.telemetry_at < MIN_TELEMETRY_GAP:
+            return
+        data = normalize_telemetry(message)
+        record.telemetry, record.telemetry_at = data, now
+        record.hostname = str(data.get("hostname") or "")
+        record.os = str(data.get("os") or "")
 
     async def _expose(self, link: Link, request: dict[str, Any]) -> None:
         tunnel_id, target, mode = request["id"], request["target"], request["mode"]

@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import socket
+import time
 
 from ..common.errors import LocalProtocolError
 from ..common.link import StreamSocket, abort_with_reset
@@ -28,6 +29,8 @@ class VisitorSocket(StreamSocket):
     def __init__(self, tunnel: TunnelRecord) -> None:
         super().__init__(traffic=tunnel.traffic)
         self.tunnel = tunnel
+        self.peer = "?"
+        self.opened = time.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         link = self.tunnel.link
@@ -37,6 +40,7 @@ class VisitorSocket(StreamSocket):
             return
         peer = transport.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        self.peer = address
         try:
             stream_id = link.mux.open_stream(self.tunnel.tunnel_id, address)
         except LocalProtocolError as exc:
@@ -45,8 +49,12 @@ class VisitorSocket(StreamSocket):
             abort_with_reset(transport)
             return
         self.attach(link, stream_id)
+        self.tunnel.connections.add(self)
         link.kick()
         super().connection_made(transport)
+
+    def detached(self) -> None:
+        self.tunnel.connections.discard(self)
 
 
 async def bind_public_port(host: str, port: int, tunnel: TunnelRecord) -> asyncio.Server:

@@ -8,9 +8,12 @@ event loop, so no locking is needed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..common.link import Link, Traffic
+
+if TYPE_CHECKING:
+    from .listeners import VisitorSocket
 
 __all__ = ["ClientRecord", "Registry", "TunnelRecord"]
 
@@ -28,6 +31,7 @@ class TunnelRecord:
     traffic: Traffic = field(default_factory=Traffic)
     link: Link | None = None
     tunnel_id: int = 0  # the owner's id for this tunnel on ``link``
+    connections: set[VisitorSocket] = field(default_factory=set)
 
 
 @dataclass
@@ -38,7 +42,12 @@ class ClientRecord:
     version: str = ""
     connected_since: float | None = None
     last_seen: float | None = None
+    offline_since: float | None = None
     logins: int = 0
+    hostname: str = ""
+    os: str = ""
+    telemetry: dict[str, Any] | None = None
+    telemetry_at: float | None = None
 
 
 class Registry:
@@ -66,6 +75,7 @@ class Registry:
         record.version = version
         record.connected_since = now
         record.last_seen = now
+        record.offline_since = None
         record.logins += 1
         return old
 
@@ -78,6 +88,7 @@ class Registry:
         record.link = None
         record.connected_since = None
         record.last_seen = now
+        record.offline_since = now
         return True
 
     def route(self, port: int, name: str, link: Link, tunnel_id: int, mode: TunnelMode,
@@ -98,6 +109,17 @@ class Registry:
 
     def drop(self, port: int) -> None:
         self.tunnels.pop(port, None)
+
+    def sync_clients(self, names: set[str]) -> None:
+        """One record per configured client (so offline ones show too), none for others."""
+        for name in names:
+            self.client(name)
+        for name in list(self.clients):
+            if name not in names and self.clients[name].link is None:
+                del self.clients[name]
+
+    def tunnels_of(self, name: str) -> list[TunnelRecord]:
+        return [t for t in self.tunnels.values() if t.client == name]
 
     def online(self) -> list[ClientRecord]:
         return [c for c in self.clients.values() if c.link is not None]

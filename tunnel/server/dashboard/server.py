@@ -1,0 +1,95 @@
+"""The dashboard as a running thing: checks in a fixed order, then the route's handler.
+
+The order matters and is the same for every request: Host (421, before anything else is
+looked at), then credentials (401/429; only ``/healthz`` is open, so an unauthenticated
+peer cannot even learn which paths exist), then the route (404/405), then for state
+changes the CSRF rule (403). Handlers never see a request that failed a check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from ...common.config_dashboard import DashboardSettings
+from ..guard import Penalties
+from .api import HEALTH_PATH, Api, json_response
+from .http import HttpServer, Limits, Request, Response
+from .relayview import RelayView
+from .security import (
+    SECURITY_HEADERS,
+    Authenticator,
+    AuthResult,
+    HostPolicy,
+    csrf_problem,
+    unauthorized,
+)
+from .static import StaticFiles
+
+__all__ = ["STATE_CHANGING_METHODS", "Dashboard", "start_dashboard"]
+
+STATE_CHANGING_METHODS = frozenset({"POST"})
+
+log = logging.getLogger("tunnel.server.dashboard")
+
+
+class Dashboard:
+    """The HTTP server plus the relay it shows; :meth:`start` binds, :meth:`stop` ends."""
+
+    def __init__(self, relay: RelayView, settings: DashboardSettings, *,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 limits: Limits | None = None, static: StaticFiles | None = None) -> None:
+        self.settings = settings
+        self.auth = Authenticator(settings, Penalties(monotonic))
+        self.api = Api(relay, clock, static)
+        self.router = self.api.routes()
+        self.http = HttpServer(self.handle, default_headers=SECURITY_HEADERS, limits=limits)
+        self.hosts = HostPolicy.for_listener(settings.listen_host, settings.listen_port,
+                                             settings.hosts)
+
+    async def start(self) -> None:
+        await self.http.start(self.settings.listen_host, self.settings.listen_port)
+        host, port = self.http.address
+        self.hosts = HostPolicy.for_listener(host, port, self.settings.hosts)
+
+    @property
+    def url(self) -> str:
+        host, port = self.http.address
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{port}/"
+
+    async def stop(self) -> None:
+        await self.http.stop()
+
+    async def handle(self, request: Request) -> Response:
+        if not self.hosts.allows(request.headers.get("host")):
+            return Response.text(421, "misdirected request: unknown Host\n")
+        if request.path != HEALTH_PATH:
+            result = await self.auth.check(request.headers.get("authorization"), request.peer)
+            if result is not AuthResult.OK:
+                if result is AuthResult.DENIED:
+                    log.warning("dashboard: failed login from %s", request.peer)
+                return unauthorized(result, self.auth.retry_after(request.peer))
+        handler, params = self.router.resolve(request.method, request.path)
+        if request.method in STATE_CHANGING_METHODS:
+            problem = csrf_problem(request)
+            if problem is not None:
+                return json_response(403, {"error": problem})
+        request.params = params
+        return await handler(request)
+
+
+async def start_dashboard(relay: RelayView) -> Dashboard | None:
+    """Bind the dashboard when server.yaml has a ``dashboard:`` section; None otherwise.
+
+    Raises OSError when the address cannot be bound, like the relay's own listeners.
+    """
+    settings = relay.config.dashboard
+    if settings is None:
+        return None
+    dashboard = Dashboard(relay, settings)
+    await dashboard.start()
+    log.info("dashboard listening on %s", dashboard.url)
+    return dashboard

@@ -1,0 +1,67 @@
+"""Traffic rates: the last hour of samples per relay, client and tunnel, in memory.
+
+Byte counters are updated as data flows (see ``link.Traffic``); this module only samples
+them every ``SAMPLE_INTERVAL`` so the status page can show a rate and an hour-long chart
+without touching the data path. Memory is bounded: one deque of ``SERIES_POINTS`` per key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+
+__all__ = ["SAMPLE_INTERVAL", "SERIES_POINTS", "RateTracker"]
+
+SAMPLE_INTERVAL = 5.0
+SERIES_SECONDS = 3600.0
+SERIES_POINTS = int(SERIES_SECONDS / SAMPLE_INTERVAL)
+
+Key = tuple[Hashable, ...]
+Point = tuple[float, float, float]  # (time, bytes/s in, bytes/s out)
+
+
+class RateTracker:
+    """Turns monotonically growing byte totals into rates and a bounded time series."""
+
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 points: int = SERIES_POINTS) -> None:
+        self._clock = clock
+        self._points = points
+        self._last: dict[Key, tuple[float, int, int]] = {}
+        self._series: dict[Key, deque[Point]] = {}
+
+    def sample(self, key: Key, total_in: int, total_out: int) -> None:
+        now = self._clock()
+        last = self._last.get(key)
+        self._last[key] = (now, total_in, total_out)
+        if last is None:
+            return
+        elapsed = now - last[0]
+        if elapsed <= 0:
+            return
+        # A counter that went backwards (a port handed to a new tunnel record) restarts.
+        din = max(0, total_in - last[1]) / elapsed
+        dout = max(0, total_out - last[2]) / elapsed
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = deque(maxlen=self._points)
+        series.append((now, din, dout))
+
+    def rate(self, key: Key) -> tuple[float, float]:
+        """The rate over the last sample interval (0 before two samples exist)."""
+        series = self._series.get(key)
+        if not series:
+            return 0.0, 0.0
+        _, din, dout = series[-1]
+        return din, dout
+
+    def series(self, key: Key) -> list[Point]:
+        return list(self._series.get(key, ()))
+
+    def forget(self, key: Key) -> None:
+        self._last.pop(key, None)
+        self._series.pop(key, None)
+
+    def keys(self) -> list[Key]:
+        return list(self._last)

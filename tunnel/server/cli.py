@@ -80,8 +80,10 @@ async def _serve(config: ServerConfig) -> int:
         await relay.stop(drain_timeout=0)
         return EXIT_CONFIG
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.listen_host, config.listen_port,
-                  exc.strerror or exc)
+        log.error("cannot listen: %s (link %s:%d, dashboard %s)", exc.strerror or exc,
+                  config.listen_host, config.listen_port,
+                  f"{config.dashboard.listen_host}:{config.dashboard.listen_port}"
+                  if config.dashboard else "off")
         await relay.stop(drain_timeout=0)
         return EXIT_BIND
     stop = asyncio.Event()
@@ -93,6 +95,8 @@ async def _serve(config: ServerConfig) -> int:
     if relay.fingerprint is not None:
         print(f"{PROG}: tls fingerprint {relay.fingerprint}", flush=True)
     print(f"{PROG}: listening on {relay.url}", flush=True)
+    if relay.dashboard is not None:
+        print(f"{PROG}: dashboard on {relay.dashboard.url}", flush=True)
     log.info("relay %s ready: control %s, public ports %s on %s", __version__, relay.url,
              config.ports.describe(), config.public_host)
     await stop.wait()

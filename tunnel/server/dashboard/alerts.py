@@ -121,17 +121,18 @@ class Alerts:
 
     def _went_offline(self, name: str) -> None:
         self._cancel_timer(name)
+        since = self._clock()  # the alert says when it went offline, not when it was sent
         if self.settings.debounce <= 0:
-            self._offline_confirmed(name)
+            self._offline_confirmed(name, since)
             return
         loop = asyncio.get_running_loop()
         self._timers[name] = loop.call_later(self.settings.debounce,
-                                             self._offline_confirmed, name)
+                                             self._offline_confirmed, name, since)
 
-    def _offline_confirmed(self, name: str) -> None:
+    def _offline_confirmed(self, name: str, since: float) -> None:
         self._timers.pop(name, None)
         self._alerted.add(name)
-        self._enqueue(Alert("offline", name, self._clock()))
+        self._enqueue(Alert("offline", name, since))
 
     def _came_online(self, name: str) -> None:
         self._cancel_timer(name)  # back within the debounce: nobody hears of it

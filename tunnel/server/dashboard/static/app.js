@@ -413,6 +413,7 @@
     const chart = el("section", "block");
     const chartHead = blockHead(chart, "Rate, last hour");
     card.chartPeak = el("span", "muted small");
+    card.chartPeak.setAttribute("data-testid", "chart-peak");
     chartHead.appendChild(card.chartPeak);
     const chartBox = el("div", "chart");
     card.canvas = el("canvas", "chart-canvas");
@@ -427,7 +428,9 @@
 
     // machine
     const machine = el("section", "block");
-    blockHead(machine, "Machine");
+    const machineHead = blockHead(machine, "Machine");
+    card.telemetryAge = el("span", "muted small");
+    machineHead.appendChild(card.telemetryAge);
     card.noTelemetry = el("p", "empty-small muted", "no telemetry reported");
     machine.appendChild(card.noTelemetry);
     card.resources = el("div", "resources");
@@ -476,6 +479,7 @@
     const row = el("div", "res");
     row.appendChild(el("span", "res-label", label));
     const meter = makeMeter(0.8, 0.95);
+    meter.setAttribute("aria-label", label);
     row.appendChild(meter);
     const value = el("span", "res-value");
     row.appendChild(value);
@@ -599,6 +603,10 @@
   function updateMachine(card, t) {
     card.noTelemetry.hidden = t !== null;
     card.resources.hidden = t === null;
+    const at = t !== null ? num(t.at) : null;
+    setText(card.telemetryAge, at !== null ? "reported " + fmtAgo(at) : "");
+    setAttr(card.telemetryAge, "title", at !== null ? fmtWhen(at) : null);
+    toggle(card.telemetryAge, "stale", at !== null && relayNow() - at > 60);
     if (t === null) {
       card.gpuList.hidden = true;
       card.noGpu.hidden = true;
@@ -624,8 +632,10 @@
     );
     card.noGpu.hidden = gpus.length > 0;
     const gpuStatus = str(t.gpu_status);
-    const note = gpuStatus && !/^(ok|none|no[ _-]?gpus?)$/i.test(gpuStatus) ? " (" + gpuStatus + ")" : "";
-    setText(card.noGpu, "no GPU" + note);
+    let noGpu = "no GPU";
+    if (gpuStatus && /^no gpu/i.test(gpuStatus)) noGpu = gpuStatus;
+    else if (gpuStatus && gpuStatus.toLowerCase() !== "ok") noGpu = "no GPU (" + gpuStatus + ")";
+    setText(card.noGpu, noGpu);
   }
 
   function createGpuRow() {
@@ -642,6 +652,7 @@
     util.appendChild(el("span", "res-label", "busy"));
     row.util = makeMeter();
     row.util.classList.add("meter-gpu");
+    row.util.setAttribute("aria-label", "GPU utilization");
     util.appendChild(row.util);
     row.utilText = el("span", "res-value");
     util.appendChild(row.utilText);
@@ -650,6 +661,7 @@
     const mem = el("div", "res");
     mem.appendChild(el("span", "res-label", "memory"));
     row.mem = makeMeter(0.8, 0.95);
+    row.mem.setAttribute("aria-label", "GPU memory");
     mem.appendChild(row.mem);
     row.memText = el("span", "res-value");
     mem.appendChild(row.memText);
@@ -909,6 +921,12 @@
         ctx.strokeStyle = stroke;
         ctx.stroke();
       }
+      // the latest sample as a dot, so a short or fresh series is easy to spot
+      const last = points[points.length - 1];
+      ctx.beginPath();
+      ctx.arc(Math.min(x(last[0]), padL + plotW - 2.5), y(last[index]), 2.5, 0, 2 * Math.PI);
+      ctx.fillStyle = stroke;
+      ctx.fill();
     }
     ctx.restore();
   }

@@ -1,0 +1,8 @@
+"""The dashboard suite reuses the e2e clean-up: every process and service a test starts
+is ended at teardown, and a test fails if a program printed a Python traceback."""
+
+from __future__ import annotations
+
+from tests.e2e.conftest import _e2e_cleanup
+
+__all__ = ["_e2e_cleanup"]

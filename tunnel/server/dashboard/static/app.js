@@ -519,7 +519,9 @@
     setText(card.address, str(c.address) || DASH);
     setText(card.version, str(c.version) || DASH);
     const rtt = num(c.rtt_ms);
-    setText(card.rtt, rtt === null ? DASH : (rtt < 10 ? rtt.toFixed(1) : rtt.toFixed(0)) + " ms");
+    let rttText = DASH;
+    if (rtt !== null) rttText = rtt < 0.1 ? "< 0.1 ms" : (rtt < 10 ? rtt.toFixed(1) : rtt.toFixed(0)) + " ms";
+    setText(card.rtt, rttText);
 
     const traffic = obj(c.traffic);
     const rate = obj(c.rate);

@@ -16,10 +16,13 @@ from ..common.link import Link, StreamSocket
 from ..common.mux import ResetCode, StreamOpened
 from .expose import ExposeSpec
 
-__all__ = ["DIAL_ERROR_LOG_INTERVAL", "DIAL_TIMEOUT", "Dialer"]
+__all__ = ["DIAL_ERROR_LOG_INTERVAL", "DIAL_TIMEOUT", "MAX_PENDING_DIALS", "Dialer"]
 
 DIAL_TIMEOUT = 10.0
 DIAL_ERROR_LOG_INTERVAL = 10.0
+#: Local connects in flight at once; beyond this new streams are refused at once, so an
+#: open/reset flood at the relay cannot turn into a connect flood at the local service.
+MAX_PENDING_DIALS = 64
 
 log = logging.getLogger("tunnel.client.dialer")
 
@@ -43,6 +46,12 @@ class Dialer:
                              event.tunnel_id)
             link.mux.reset(event.stream_id, ResetCode.REFUSED)
             link.kick()
+            return
+        if len(self._tasks) >= MAX_PENDING_DIALS:
+            link.mux.reset(event.stream_id, ResetCode.REFUSED)
+            link.kick()
+            self._report(link, event.stream_id, spec, event.peer,
+                         OSError(f"{MAX_PENDING_DIALS} connects already pending"))
             return
         sock = StreamSocket()
         sock.attach(link, event.stream_id)

@@ -288,13 +288,15 @@ async def test_client_online_and_traffic_updates_live(relay: Relay, browser: Bro
 
     before = await dash.number("alpha", "client-traffic-in", "data-bytes")
     size = 8 * MIB
-    transfer = asyncio.ensure_future(slow_transfer(port, size, chunks=32, pause=0.125))
+    # ~10 s: longer than two of the relay's 5 s rate samples, so a rate is on show for a
+    # while even when a loaded machine delays a sample or a poll.
+    transfer = asyncio.ensure_future(slow_transfer(port, size, chunks=64, pause=0.15))
     try:
         # First read: the number moved while the transfer is still running (no reload).
         during = await dash.wait_number("alpha", "client-traffic-in", "data-bytes", before,
                                         timeout=POLL + MARGIN)
         assert during < before + size, "the whole transfer was counted before it could finish"
-        await dash.wait_number("alpha", "client-rate-in", "data-rate", 0, timeout=10.0)
+        await dash.wait_number("alpha", "client-rate-in", "data-rate", 0, timeout=15.0)
         assert await transfer == size
     finally:
         transfer.cancel()

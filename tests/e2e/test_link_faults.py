@@ -30,7 +30,15 @@ from tests.e2e.harness import (
     wait_tunnel,
     write_config,
 )
-from tests.e2e.services import EchoService, assert_closed_quickly, echo_check
+from tests.e2e.services import (
+    EchoService,
+    HalfCloseService,
+    assert_closed_quickly,
+    close_writer,
+    echo_check,
+    open_visitor,
+    read_to_eof,
+)
 from tunnel.common import messages as msg
 from tunnel.common.auth import client_proof, derive_key, new_nonce
 from tunnel.common.frames import (
@@ -240,3 +248,30 @@ async def test_ping_flood_from_a_peer_that_never_reads_drops_only_that_link(
                                since=mark, stream="stderr")
     assert server.returncode is None
     await echo_check(good_port, MIB)
+
+
+async def test_bytes_that_arrive_before_the_local_dial_are_credited_at_once(
+        tmp_path: Path) -> None:
+    """Regression: credit for data buffered while the client dialled its target was queued
+    without waking the writer, so an upload stalled until some unrelated frame (a ping,
+    telemetry) went out. With heartbeats and telemetry far apart, a stall is a hang."""
+    service = HalfCloseService(reply_size=64, reply_seed=3)  # silent until the upload ends
+    await service.start()
+    (port,) = free_ports(1)
+    config = server_config(tmp_path, [port], heartbeat_interval=30, heartbeat_timeout=90)
+    _, url = await start_server(tmp_path, config)
+    client = await start_client(url, ALPHA_TOKEN, [f"{service.target}:fixed-{port}"],
+                                env={"TUNNEL_TELEMETRY_INTERVAL": "3600"})
+    assert await wait_tunnel(client, service.target) == port
+    payload = bytes(range(256)) * 4096  # 1 MiB written at once: the first window races the dial
+    for _ in range(30):
+        async with asyncio.timeout(10):
+            reader, writer = await open_visitor(port)
+            try:
+                writer.write(payload)
+                writer.write_eof()
+                got_len, _ = await read_to_eof(reader, 64)
+            finally:
+                await close_writer(writer)
+        assert got_len == 64
+    assert [r.received_len for r in service.results] == [len(payload)] * 30

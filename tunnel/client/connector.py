@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from .. import __version__
 from ..common import messages as msg
 from ..common.auth import NONCE_SIZE, client_proof, derive_key, login_message, new_nonce
+from ..common.config import MAX_STREAMS_LIMIT
 from ..common.credentials import key_id, public_key_of, sign
 from ..common.errors import (
     AuthError,
@@ -221,6 +222,9 @@ class Connector:
         link.log = logging.LoggerAdapter(log, {"client": link.name})
         link.heartbeat_interval = min(high, max(low, float(reply["heartbeat_interval"])))
         link.heartbeat_timeout = min(high, max(low, float(reply["heartbeat_timeout"])))
+        streams = reply.get("max_streams")
+        if isinstance(streams, int) and not isinstance(streams, bool):
+            link.mux.max_streams = min(MAX_STREAMS_LIMIT, max(1, streams))
         log.info("logged in to %s as %s", self.settings.server_url, link.name)
 
     async def _announce(self, link: Link, replies: dict[int, asyncio.Future[dict[str, Any]]],

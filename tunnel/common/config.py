@@ -72,13 +72,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 CLIENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
+DEFAULT_MAX_STREAMS = 256
+MAX_STREAMS_LIMIT = 65_536
 
 _CLIENT_NAME_RE = re.compile(CLIENT_NAME_PATTERN)
 _LISTEN_EXPECTED = '"HOST:PORT", e.g. "0.0.0.0:7000" or "[::1]:7000"'
 _CREDENTIAL_KEYS = (*TOKEN_KEYS, "public_key")
 _SERVER_KEYS = ("listen", "path", "public_host", "ports", "state_dir", "clients",
                 "clients_file", "public_url", "heartbeat_interval", "heartbeat_timeout",
-                "log_level", "tls", "dashboard", "alerts")
+                "log_level", "tls", "dashboard", "alerts", "max_streams")
 _CLIENT_KEYS = (*_CREDENTIAL_KEYS, "ports")
 _UNSAFE_PATH_CHARS = re.compile(r"[\s?#]")
 _TLS_KEYS = ("cert", "key")
@@ -130,6 +132,8 @@ class ServerConfig:
     config_dir: Path = field(default_factory=Path)
     dashboard: DashboardSettings | None = None
     alerts: AlertSettings | None = None
+    max_streams: int = DEFAULT_MAX_STREAMS
+    """Concurrent forwarded connections per client; memory is bounded by this x window."""
 
     def client_ports(self, name: str) -> PortSet:
         """Ports ``name`` may claim: its own ``ports``, else relay ports nobody reserved.
@@ -341,6 +345,14 @@ def _public_url(ctx: ConfigContext, top: Mapping[str, object]) -> str | None:
     return text
 
 
+def _max_streams(ctx: ConfigContext, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) \
+            or not 1 <= value <= MAX_STREAMS_LIMIT:
+        raise ctx.error("max_streams", f"expected a whole number 1-{MAX_STREAMS_LIMIT}, "
+                                       f"got {describe_value(value)}")
+    return value
+
+
 def _required(ctx: ConfigContext, data: Mapping[str, object], key: str, hint: str) -> object:
     if key not in data:
         raise ctx.error(key, f"missing required key; {hint}")
@@ -377,6 +389,7 @@ def parse_server_config(data: object, source: str, base_dir: Path, env: Mapping[
         heartbeat_interval=interval,
         heartbeat_timeout=timeout,
         log_level=_log_level(ctx, top.get("log_level", DEFAULT_LOG_LEVEL)),
+        max_streams=_max_streams(ctx, top.get("max_streams", DEFAULT_MAX_STREAMS)),
         tls=tls,
         public_url=_public_url(ctx, top),
         clients_file=clients_file,

@@ -80,7 +80,8 @@ class ControlHandler:
             return
         try:
             ws.protocol.max_message_size = PRE_AUTH_MAX_MESSAGE
-            link = Link(ws, Mux(Role.RELAY), name="?", logger=log,
+            link = Link(ws, Mux(Role.RELAY, max_streams=relay.config.max_streams), name="?",
+                        logger=log,
                         heartbeat_interval=relay.config.heartbeat_interval,
                         heartbeat_timeout=relay.config.heartbeat_timeout)
             watchdog = asyncio.create_task(link.watchdog())
@@ -157,7 +158,8 @@ class ControlHandler:
         link.on_control = self._on_control
         await link.send_now({"type": msg.WELCOME, "client": name,
                              "heartbeat_interval": relay.config.heartbeat_interval,
-                             "heartbeat_timeout": relay.config.heartbeat_timeout})
+                             "heartbeat_timeout": relay.config.heartbeat_timeout,
+                             "max_streams": relay.config.max_streams})
         log.info("client %s online from %s (version %s)", name, source, version)
         try:
             await link.run()

@@ -79,6 +79,8 @@ class Tunnel(Contender):
             f"state_dir: {self.workdir / 'state'}\n"
             f"tls: {'auto' if self.tls else 'off'}\n"
             "log_level: warning\n"
+            # Idle-memory runs hold 5000 visitors on one client (the default cap is 256).
+            "max_streams: 8192\n"
             f"clients:\n  bench:\n    token: {TOKEN}\n", encoding="utf-8")
         server = Proc(f"{self.name}-server", [sys.executable, "-m", "tunnel.server.cli",
                                               "--config", str(config)],

@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "join":
         return join_main(argv[1:])
     args = _parser().parse_args(argv)
+    setup_logging(getattr(args, "log_level", None) or "info")
     try:
         settings = resolve_client_settings(server=args.server, token=args.token,
                                            exposes=args.expose, config_path=args.config,

@@ -19,7 +19,9 @@ T = TypeVar("T")
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    """Idempotent: called early (config warnings) and again once the level is known."""
+    logging.basicConfig(format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger().setLevel(level.upper())
     logging.getLogger("websockets").setLevel(logging.WARNING)
 
 

@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in admin.COMMANDS:
         return admin.main(argv)
     args = _parser().parse_args(argv)
+    setup_logging(getattr(args, "log_level", None) or "info")
     if args.config is None:
         args.config = str(admin.default_config_path())
     try:

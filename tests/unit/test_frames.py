@@ -39,7 +39,7 @@ def plain(frame: Frame) -> tuple[FrameType, int, Flag, bytes, int]:
 def test_wire_constants() -> None:
     assert PROTOCOL_VERSION == 1
     assert HEADER_SIZE == 12
-    assert MAX_DATA_PAYLOAD == 65536
+    assert MAX_DATA_PAYLOAD == 131072
     assert MAX_OPEN_PAYLOAD == 512
     assert MAX_CONTROL_PAYLOAD == 16384
     assert MAX_WINDOW == 0x7FFFFFFF
@@ -137,7 +137,7 @@ def test_several_frames_in_one_message() -> None:
 
 
 def test_payload_caps_are_inclusive() -> None:
-    data = decode_frames(h("01 00 0000 00000001 00010000") + bytes(MAX_DATA_PAYLOAD))
+    data = decode_frames(h("01 00 0000 00000001 00020000") + bytes(MAX_DATA_PAYLOAD))
     assert len(data[0].payload) == MAX_DATA_PAYLOAD
     opened = decode_frames(h("01 02 0000 00000001 00000200") + bytes(MAX_OPEN_PAYLOAD))
     assert len(opened[0].payload) == MAX_OPEN_PAYLOAD
@@ -181,8 +181,8 @@ BAD: list[tuple[str, bytes]] = [
     ("control-stream-1", h("01 06 0000 00000001 00000002 7b7d")),
     ("control-stream-max", h("01 06 0000 ffffffff 00000002 7b7d")),
     ("data-claims-4gib", h("01 00 0000 00000001 ffffffff")),
-    ("data-claims-cap-plus-1", h("01 00 0000 00000001 00010001")),
-    ("data-cap-plus-1-present", h("01 00 0000 00000001 00010001") + bytes(MAX_DATA_PAYLOAD + 1)),
+    ("data-claims-cap-plus-1", h("01 00 0000 00000001 00020001")),
+    ("data-cap-plus-1-present", h("01 00 0000 00000001 00020001") + bytes(MAX_DATA_PAYLOAD + 1)),
     ("open-claims-4gib", h("01 02 0000 00000001 ffffffff")),
     ("open-cap-plus-1-present", h("01 02 0000 00000001 00000201") + bytes(MAX_OPEN_PAYLOAD + 1)),
     ("control-claims-4gib", h("01 06 0000 00000000 ffffffff")),

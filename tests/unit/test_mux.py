@@ -417,7 +417,7 @@ def test_overrunning_the_window_resets_only_that_stream(pair: MuxPair) -> None:
 def test_overrun_with_remaining_credit() -> None:
     client = Mux(Role.CLIENT)
     client.receive(raw_open(1))
-    for _ in range(3):
+    for _ in range(INITIAL_WINDOW // MAX_DATA_PAYLOAD - 1):
         client.receive(encode_data(1, bytes(MAX_DATA_PAYLOAD)))
     client.receive(encode_data(1, bytes(MAX_DATA_PAYLOAD - 10)))  # 10 bytes of credit left
     assert client.receive(encode_data(1, bytes(11))) == [StreamReset(1, ResetCode.FLOW_CONTROL)]

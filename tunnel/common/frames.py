@@ -43,7 +43,7 @@ HEADER = struct.Struct("!BBHII")
 HEADER_SIZE = HEADER.size  # 12
 
 #: Largest DATA payload; pumps never read more than this per frame.
-MAX_DATA_PAYLOAD = 64 * 1024
+MAX_DATA_PAYLOAD = 128 * 1024
 #: Largest OPEN payload (tunnel id and visitor address).
 MAX_OPEN_PAYLOAD = 512
 #: Largest CONTROL payload (a JSON message).

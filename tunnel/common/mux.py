@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: Send window every stream starts with, on both sides (the wire spec fixes it).
-INITIAL_WINDOW = 256 * 1024
+INITIAL_WINDOW = 1024 * 1024
 #: Streams one link may hold at once; an OPEN beyond it is answered with RESET(REFUSED).
 DEFAULT_MAX_STREAMS = 256
 #: OPEN payload: tunnel id, then the visitor address as UTF-8.

@@ -8,10 +8,7 @@ and afterwards ``tunnel-client --expose 8888:fixed-6000`` needs no other flag.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,13 +16,12 @@ import yaml
 
 from ..common.credentials import JoinInfo, decode_join
 from ..common.errors import ConfigError
+from ..common.localfs import write_private
 from .settings import default_client_config
 
 __all__ = ["join_main", "write_client_config"]
 
 PROG = "tunnel-client join"
-DIR_MODE = 0o700
-FILE_MODE = 0o600
 EXIT_CONFIG = 2
 _HEADER = ("# Written by `tunnel-client join`. It holds this client's private key: keep it "
            "private (mode 0600).\n# Add `expose: [\"8888:fixed-6000\"]` to start tunnels "
@@ -34,23 +30,11 @@ _HEADER = ("# Written by `tunnel-client join`. It holds this client's private ke
 
 def write_client_config(info: JoinInfo, path: Path) -> None:
     """Write the settings file atomically, private from its first byte."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     body: dict[str, str] = {"server": info.server_url, "name": info.name}
     if info.fingerprint is not None:
         body["fingerprint"] = info.fingerprint
     body["key"] = info.private_key.reveal()
-    fd, temp = tempfile.mkstemp(prefix=".client.yaml.", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(_HEADER + yaml.safe_dump(body, sort_keys=False))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    write_private(path, _HEADER + yaml.safe_dump(body, sort_keys=False))
 
 
 def join_main(argv: Sequence[str]) -> int:

@@ -33,6 +33,7 @@ from tunnel.common.config import (
 from tunnel.common.configbase import warn_if_readable
 from tunnel.common.credentials import parse_private_key
 from tunnel.common.errors import ConfigError
+from tunnel.common.localfs import is_loopback
 from tunnel.common.secret import Secret
 from tunnel.common.tls import parse_fingerprint
 from tunnel.common.yamlsafe import item_path, load_yaml_document_file
@@ -274,19 +275,12 @@ def _check_transport(url: str, fingerprint: str | None, insecure: bool) -> None:
         raise ConfigError(SETTINGS_SOURCE, "fingerprint", "a pinned fingerprint needs a "
                           "wss:// relay address")
     host = _url_host(url).strip("[]")
-    if not insecure and not _is_loopback(host):
+    if not insecure and not is_loopback(host):
         raise ConfigError(SETTINGS_SOURCE, "server", f"refusing plain ws:// to {host}: the "
                           "link would be unencrypted; use wss://, or pass --insecure if TLS is "
                           "terminated on a trusted network")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def default_client_config() -> Path:

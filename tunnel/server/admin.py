@@ -9,12 +9,10 @@ join string printed once by ``add-client``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +23,7 @@ import yaml
 from ..common.config import CLIENT_NAME_PATTERN, ServerConfig, load_server_config
 from ..common.credentials import JoinInfo, encode_join, generate_keypair
 from ..common.errors import ConfigError, TunnelError
+from ..common.localfs import PRIVATE_DIR_MODE, write_private
 from ..common.portset import PortSet
 from ..common.tls import cert_file_fingerprint, ensure_self_signed
 from ..common.yamlsafe import load_yaml_file
@@ -39,8 +38,6 @@ CLIENTS_FILE = "clients.yaml"
 ADMIN_PASSWORD_FILE = "admin-password"
 DEFAULT_LISTEN = "0.0.0.0:7000"
 DEFAULT_PORTS = "6000-6999"
-PRIVATE_DIR_MODE = 0o700
-PRIVATE_FILE_MODE = 0o600
 EXIT_OK, EXIT_ERROR = 0, 2
 
 _CLIENTS_HEADER = ("# Clients of this relay, managed by `tunnel-server add-client` and "
@@ -60,23 +57,6 @@ def default_config_path() -> Path:
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _write_private(path: Path, text: str, mode: int = PRIVATE_FILE_MODE) -> None:
-    """Write atomically with ``mode`` from the first byte (never briefly world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
 
 
 def _ports_yaml(ports: PortSet) -> list[int | str]:
@@ -133,19 +113,19 @@ def cmd_init(args: argparse.Namespace) -> int:
     directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     clients = directory / CLIENTS_FILE
     if not clients.exists():
-        _write_private(clients, _CLIENTS_HEADER + "{}\n")
+        write_private(clients, _CLIENTS_HEADER + "{}\n")
     password = directory / ADMIN_PASSWORD_FILE
     if not password.exists():
-        _write_private(password, secrets.token_urlsafe(18) + "\n")
+        write_private(password, secrets.token_urlsafe(18) + "\n")
     before = config.read_text(encoding="utf-8") if config.exists() else None
-    _write_private(config, _server_yaml(args, ports))
+    write_private(config, _server_yaml(args, ports))
     try:  # never leave a config behind that the relay cannot load
         loaded = load_server_config(config)
     except ConfigError:
         if before is None:
             config.unlink()
         else:
-            _write_private(config, before)
+            write_private(config, before)
         raise
     _, cert, _ = ensure_self_signed(tls_dir(loaded), cert_hosts(loaded))
     print(f"wrote {config} (clients in {clients}, state in {loaded.state_dir})")
@@ -175,14 +155,14 @@ def _save_clients(path: Path, data: dict[str, Any], config_path: Path) -> Server
     """Write the clients file, then validate the whole config; roll back if it fails."""
     before = path.read_text(encoding="utf-8") if path.exists() else None
     body = yaml.safe_dump(data, sort_keys=True, default_flow_style=False) if data else "{}\n"
-    _write_private(path, _CLIENTS_HEADER + body)
+    write_private(path, _CLIENTS_HEADER + body)
     try:
         return load_server_config(config_path)
     except ConfigError:
         if before is None:
             path.unlink()
         else:
-            _write_private(path, before)
+            write_private(path, before)
         raise
 
 

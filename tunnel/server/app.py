@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import os
 import ssl
@@ -20,6 +19,7 @@ from ..common.config import ServerConfig, load_server_config
 from ..common.credentials import generate_keypair, key_id
 from ..common.errors import ConfigError
 from ..common.frames import MAX_MESSAGE_SIZE
+from ..common.localfs import is_loopback
 from ..common.mux import GoAwayCode
 from ..common.portset import PortSet
 from ..common.tls import (
@@ -157,7 +157,7 @@ class Relay:
     def _tls_context(self) -> ssl.SSLContext | None:
         tls = self.config.tls
         if tls.mode == "off":
-            if not _is_loopback(self.config.listen_host):
+            if not is_loopback(self.config.listen_host):
                 log.warning("tls: off - the link is plain ws:// on %s; safe only behind a "
                             "TLS-terminating proxy on this host", self.config.listen_host)
             return None
@@ -315,10 +315,3 @@ def _is_wildcard(host: str) -> bool:
     return host in ("0.0.0.0", "::", "")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

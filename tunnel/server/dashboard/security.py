@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ...common.config_dashboard import DashboardSettings
+from ...common.localfs import is_loopback
 from ..guard import Penalties
 from .http import Request, Response
 
@@ -55,7 +56,6 @@ REALM = "tunnel"
 CSRF_HEADER = "x-tunnel-request"
 MAX_AUTH_HEADER = 1024  # a Basic credential longer than this is refused unparsed
 MAX_CONCURRENT_HASHES = 2  # PBKDF2 checks running at once (each ~100 ms of CPU)
-LOOPBACK_NAMES = ("localhost",)
 
 SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
     ("Content-Security-Policy",
@@ -186,7 +186,7 @@ class HostPolicy:
 
     @classmethod
     def for_listener(cls, host: str, port: int, hosts: tuple[str, ...]) -> HostPolicy:
-        return cls(_is_loopback(host), port, tuple(h.lower() for h in hosts))
+        return cls(is_loopback(host), port, tuple(h.lower() for h in hosts))
 
     def allows(self, host_header: str | None) -> bool:
         if host_header is None:
@@ -197,7 +197,7 @@ class HostPolicy:
         if name in self.hosts:
             return True
         if self.loopback:
-            return _is_loopback(name.strip("[]")) and port in (None, self.port)
+            return is_loopback(name.strip("[]")) and port in (None, self.port)
         if not self.hosts:
             return True
         return _is_ip(name.strip("[]"))
@@ -228,13 +228,6 @@ def _is_ip(name: str) -> bool:
     return True
 
 
-def _is_loopback(name: str) -> bool:
-    if name in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def csrf_problem(request: Request) -> str | None:

@@ -280,6 +280,10 @@ class Relay:
             server.close()
         links = [c.link for c in self.registry.online() if c.link is not None]
         deadline = time.monotonic() + drain_timeout
+        open_streams = sum(len(link.streams) for link in links)
+        if open_streams and drain_timeout > 0:
+            log.info("waiting up to %.0f s for %d open streams to finish", drain_timeout,
+                     open_streams)
         while any(link.streams for link in links) and time.monotonic() < deadline:
             await asyncio.sleep(_DRAIN_POLL)
         await asyncio.gather(*(link.close(GoAwayCode.SHUTDOWN, "relay shutting down")

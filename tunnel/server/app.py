@@ -30,7 +30,13 @@ from ..common.tls import (
 )
 from .control import HANDSHAKE_TIMEOUT, ControlHandler
 from .dashboard import Alerts, Dashboard, start_alerts, start_dashboard
-from .guard import Penalties, PreAuthSlots
+from .guard import (
+    MAX_VISITORS_PER_SOURCE,
+    MAX_VISITORS_TOTAL,
+    Penalties,
+    PreAuthSlots,
+    SourceSlots,
+)
 from .leases import LeaseBook, SqliteLeaseStore
 from .listeners import bind_public_port
 from .monitor import Monitor
@@ -66,6 +72,7 @@ class Relay:
         self.decoy_key = generate_keypair()[1]
         self._load_credentials(config)
         self.preauth = PreAuthSlots()
+        self.visitor_slots = SourceSlots(MAX_VISITORS_PER_SOURCE, MAX_VISITORS_TOTAL)
         self.penalties = Penalties()
         self.servers: dict[int, asyncio.Server] = {}
         self.background: set[asyncio.Task[None]] = set()
@@ -188,7 +195,8 @@ class Relay:
                 continue
             record = self.registry.reserve(lease.port, lease.client, lease.kind, lease.target)
             try:
-                self.servers[lease.port] = await bind_public_port(host, lease.port, record)
+                self.servers[lease.port] = await bind_public_port(host, lease.port, record,
+                                                                  self.visitor_slots)
             except OSError as exc:
                 log.warning("cannot bind leased port %d (client %s): %s", lease.port,
                             lease.client, exc.strerror or exc)

@@ -229,7 +229,8 @@ class ControlHandler:
             return lease.port
         record = relay.registry.reserve(lease.port, name, lease.kind, target)
         try:
-            relay.servers[lease.port] = await bind_public_port(host, lease.port, record)
+            relay.servers[lease.port] = await bind_public_port(host, lease.port, record,
+                                                               relay.visitor_slots)
         except OSError as exc:
             relay.registry.drop(lease.port)
             if created:

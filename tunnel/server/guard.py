@@ -18,14 +18,19 @@ __all__ = [
     "MAX_PENALTY_ENTRIES",
     "MAX_PREAUTH_PER_SOURCE",
     "MAX_PREAUTH_TOTAL",
+    "MAX_VISITORS_PER_SOURCE",
     "PENALTY_BASE",
     "PENALTY_CAP",
     "Penalties",
     "PreAuthSlots",
+    "SourceSlots",
 ]
 
 MAX_PREAUTH_PER_SOURCE = 32
 MAX_PREAUTH_TOTAL = 512
+#: Visitor connections one source address may hold open across all public ports (B-9).
+MAX_VISITORS_PER_SOURCE = 256
+MAX_VISITORS_TOTAL = 1_000_000
 FAILURES_BEFORE_PENALTY = 5
 PENALTY_BASE = 1.0  # seconds, doubling per further failure
 PENALTY_CAP = 600.0
@@ -33,8 +38,11 @@ MAX_PENALTY_ENTRIES = 10_000
 _MAX_DOUBLINGS = 64
 
 
-class PreAuthSlots:
-    """Counts connections that have not authenticated yet."""
+class SourceSlots:
+    """Counts connections per source address, with a cap per source and in total.
+
+    Used for links that have not authenticated yet and for visitors of public ports.
+    """
 
     def __init__(self, per_source: int = MAX_PREAUTH_PER_SOURCE,
                  total: int = MAX_PREAUTH_TOTAL) -> None:
@@ -60,6 +68,9 @@ class PreAuthSlots:
         else:
             self._by_source[source] = held - 1
         self._count = max(0, self._count - 1)
+
+
+PreAuthSlots = SourceSlots  # the name the login path uses
 
 
 @dataclass(slots=True)

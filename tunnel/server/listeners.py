@@ -15,21 +15,47 @@ import time
 
 from ..common.errors import LocalProtocolError
 from ..common.link import StreamSocket, abort_with_reset
+from .guard import SourceSlots
 from .registry import TunnelRecord
 
 __all__ = ["LISTEN_BACKLOG", "VisitorSocket", "bind_public_port", "port_is_free"]
 
 LISTEN_BACKLOG = 512
+#: A flood of refused visitors is logged at most this often (seconds).
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+class RateLimitedLogger:
+    """Logs a warning at most once per interval; counts what it swallowed meanwhile."""
+
+    def __init__(self, logger: logging.Logger, interval: float) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last = -interval
+        self._skipped = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._skipped += 1
+            return
+        if self._skipped:
+            message += f" ({self._skipped} similar refusals not logged)"
+        self._last, self._skipped = now, 0
+        self._logger.warning(message, *args)
 log = logging.getLogger("tunnel.server.listeners")
+limited_log = RateLimitedLogger(log, REFUSAL_LOG_INTERVAL)
 
 
 class VisitorSocket(StreamSocket):
     """A visitor's connection: opens a stream on the owner's live link when it arrives."""
 
-    def __init__(self, tunnel: TunnelRecord) -> None:
+    def __init__(self, tunnel: TunnelRecord, slots: SourceSlots) -> None:
         super().__init__(traffic=tunnel.traffic)
         self.tunnel = tunnel
+        self.slots = slots
         self.peer = "?"
+        self.source: str | None = None  # set while this visitor holds a per-source slot
         self.opened = time.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -41,26 +67,43 @@ class VisitorSocket(StreamSocket):
         peer = transport.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
         self.peer = address
+        source = str(peer[0]) if isinstance(peer, tuple) else "?"
+        if not self.slots.acquire(source):
+            self._refuse(transport, f"visitor {address} refused: too many connections from "
+                                    f"{source}")
+            return
+        self.source = source
         try:
             stream_id = link.mux.open_stream(self.tunnel.tunnel_id, address)
         except LocalProtocolError as exc:
-            link.log.warning("port %d: visitor %s refused: %s", self.tunnel.port, address, exc)
-            self.closed = True
-            abort_with_reset(transport)
+            self._refuse(transport, f"visitor {address} refused: {exc}")
             return
         self.attach(link, stream_id)
         self.tunnel.connections.add(self)
         link.kick()
         super().connection_made(transport)
 
+    def _refuse(self, transport: asyncio.BaseTransport, why: str) -> None:
+        limited_log.warning("port %d: %s", self.tunnel.port, why)
+        self.closed = True
+        self._release()
+        abort_with_reset(transport)
+
+    def _release(self) -> None:
+        if self.source is not None:
+            self.slots.release(self.source)
+            self.source = None
+
     def detached(self) -> None:
         self.tunnel.connections.discard(self)
+        self._release()
 
 
-async def bind_public_port(host: str, port: int, tunnel: TunnelRecord) -> asyncio.Server:
+async def bind_public_port(host: str, port: int, tunnel: TunnelRecord,
+                           slots: SourceSlots) -> asyncio.Server:
     """Bind ``port``; raises OSError when another program holds it."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: VisitorSocket(tunnel), host, port,
+    return await loop.create_server(lambda: VisitorSocket(tunnel, slots), host, port,
                                     backlog=LISTEN_BACKLOG, reuse_address=True)
 
 

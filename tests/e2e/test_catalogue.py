@@ -1,0 +1,148 @@
+"""Acceptance tests from the reliability catalogue (../shared/design/reliability.md), by id.
+
+Only the ones built so far; the rest of the catalogue is open work (issue #6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+from tests.e2e.harness import (
+    ALPHA_TOKEN,
+    free_ports,
+    server_config,
+    start_client,
+    start_server,
+    wait_tunnel,
+)
+from tests.e2e.services import (
+    EchoService,
+    TcpService,
+    close_writer,
+    echo_check,
+    open_visitor,
+    send_pattern,
+)
+
+MIB = 1024 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class ResettingService(TcpService):
+    """Sends ``before`` bytes of a 20 MiB reply, then resets the connection (SO_LINGER 0)."""
+
+    def __init__(self, before: int) -> None:
+        super().__init__()
+        self.before = before
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await send_pattern(writer, 7, self.before)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        writer.transport.abort()
+
+
+async def test_I7_abort_is_not_eof(tmp_path: Path) -> None:
+    """The local service resets after 5 MiB of a 20 MiB transfer: the visitor sees a reset
+    (an error), never a clean end of file, within 1 s of the abort."""
+    service = ResettingService(before=5 * MIB)
+    await service.start()
+    (port,) = free_ports(1)
+    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
+    client = await start_client(url, ALPHA_TOKEN, [f"{service.target}:fixed-{port}"])
+    assert await wait_tunnel(client, service.target) == port
+
+    reader, writer = await open_visitor(port)
+    received = 0
+    outcome = "still open"
+    try:
+        async with asyncio.timeout(20):
+            while received < 20 * MIB:
+                try:
+                    data = await reader.read(256 * 1024)
+                except ConnectionResetError:
+                    outcome = "reset"
+                    break
+                if not data:
+                    outcome = "clean EOF"
+                    break
+                received += len(data)
+    finally:
+        await close_writer(writer)
+    assert outcome == "reset", f"visitor saw {outcome} after {received} bytes, not a reset"
+    assert received <= 5 * MIB
+
+
+async def test_R4_client_frozen_is_dropped_and_comes_back(tmp_path: Path) -> None:
+    """SIGSTOP the client for 3 x the heartbeat timeout: the relay drops its session within
+    H + T + 1 s; after SIGCONT the client logs in again by itself (never two sessions)."""
+    echo = EchoService()
+    await echo.start()
+    (port,) = free_ports(1)
+    config = server_config(tmp_path, [port], heartbeat_interval=1, heartbeat_timeout=2)
+    server, url = await start_server(tmp_path, config)
+    client = await start_client(url, ALPHA_TOKEN, [f"{echo.target}:fixed-{port}"])
+    assert await wait_tunnel(client, echo.target) == port
+    mark_err, mark_out = len(server.stderr_lines), client.mark()
+
+    client.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        await server.wait_for_line(r"client alpha offline", timeout=1 + 2 + 1 + 1,
+                                   since=mark_err, stream="stderr")
+        assert time.monotonic() - stopped <= 1 + 2 + 1 + 0.5
+        await asyncio.sleep(max(0.0, 6 - (time.monotonic() - stopped)))  # frozen for 3 x T
+    finally:
+        client.send_signal(signal.SIGCONT)
+    resumed = time.monotonic()
+    assert await wait_tunnel(client, echo.target, since=mark_out, timeout=10) == port
+    assert time.monotonic() - resumed <= 2 + 1  # notices and logs in again within ~2 s
+    await echo_check(port, MIB)
+    logins = [line for line in server.stderr_lines[mark_err:] if "client alpha online" in line]
+    assert len(logins) == 1
+
+
+class OutcomeService(TcpService):
+    """Reads until the connection ends and records how: "reset" or "clean EOF"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outcomes: list[str] = []
+        self.ended = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for _ in range(1_000_000):
+                if not await reader.read(256 * 1024):
+                    self.outcomes.append("clean EOF")
+                    break
+        except ConnectionResetError:
+            self.outcomes.append("reset")
+        finally:
+            self.ended.set()
+
+
+async def test_I7_mirror_visitor_abort_reaches_the_service_as_a_reset(tmp_path: Path) -> None:
+    service = OutcomeService()
+    await service.start()
+    (port,) = free_ports(1)
+    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
+    client = await start_client(url, ALPHA_TOKEN, [f"{service.target}:fixed-{port}"])
+    assert await wait_tunnel(client, service.target) == port
+
+    _, writer = await open_visitor(port)
+    await send_pattern(writer, 9, 5 * MIB)
+    for _ in range(200):  # the stream is established at the service before the abort
+        if service.connections:
+            break
+        await asyncio.sleep(0.05)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    writer.transport.abort()
+    await asyncio.wait_for(service.ended.wait(), 1.0)
+    assert service.outcomes == ["reset"]

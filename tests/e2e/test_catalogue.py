@@ -23,9 +23,12 @@ from tests.e2e.harness import (
 from tests.e2e.services import (
     EchoService,
     TcpService,
+    assert_closed_quickly,
     close_writer,
     echo_check,
     open_visitor,
+    pattern_digest,
+    read_to_eof,
     send_pattern,
 )
 
@@ -146,3 +149,87 @@ async def test_I7_mirror_visitor_abort_reaches_the_service_as_a_reset(tmp_path: 
     writer.transport.abort()
     await asyncio.wait_for(service.ended.wait(), 1.0)
     assert service.outcomes == ["reset"]
+
+
+class SpeaksFirstService(TcpService):
+    """Like an SSH server's banner: sends 2 MiB, closes its write half, then reads to EOF."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = -1
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await send_pattern(writer, 11, 2 * MIB)
+        writer.write_eof()
+        total = 0
+        for _ in range(1_000_000):
+            data = await reader.read(256 * 1024)
+            if not data:
+                break
+            total += len(data)
+        self.received = total
+        writer.close()
+
+
+async def test_I4b_local_side_half_closes_first(tmp_path: Path) -> None:
+    """The mirror of the visitor half-close: the service finishes speaking first; the visitor
+    reads all of it and EOF, then still sends its own 1 MiB, which the service receives."""
+    service = SpeaksFirstService()
+    await service.start()
+    (port,) = free_ports(1)
+    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
+    client = await start_client(url, ALPHA_TOKEN, [f"{service.target}:fixed-{port}"])
+    assert await wait_tunnel(client, service.target) == port
+
+    async with asyncio.timeout(30):
+        reader, writer = await open_visitor(port)
+        try:
+            got, digest = await read_to_eof(reader, 2 * MIB)
+            assert (got, digest) == (2 * MIB, pattern_digest(11, 2 * MIB))
+            await send_pattern(writer, 12, MIB)
+            writer.write_eof()
+            assert await reader.read() == b""
+        finally:
+            await close_writer(writer)
+        for _ in range(200):
+            if service.received >= 0:
+                break
+            await asyncio.sleep(0.05)
+    assert service.received == MIB
+
+
+async def test_R1_kill9_client_mid_transfer_resets_visitors_and_keeps_the_port(
+        tmp_path: Path) -> None:
+    """Public streams get a reset within 1 s; the port stays bound and refuses at once; the
+    restarted client serves it again."""
+    echo = EchoService()
+    await echo.start()
+    (port,) = free_ports(1)
+    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
+    spec = [f"{echo.target}:fixed-{port}"]
+    client = await start_client(url, ALPHA_TOKEN, spec)
+    assert await wait_tunnel(client, echo.target) == port
+
+    reader, writer = await open_visitor(port)
+    try:
+        await send_pattern(writer, 13, MIB)  # a transfer is running through the tunnel
+        await reader.readexactly(1024)
+        await client.kill9()
+        killed = time.monotonic()
+        outcome = "open"
+        async with asyncio.timeout(1.0):
+            for _ in range(100_000):
+                try:
+                    if not await reader.read(256 * 1024):
+                        outcome = "clean EOF"
+                        break
+                except ConnectionResetError:
+                    outcome = "reset"
+                    break
+        assert outcome == "reset" and time.monotonic() - killed < 1.0
+    finally:
+        await close_writer(writer)
+    assert await assert_closed_quickly(port) in ("reset", "eof", "refused")
+    restarted = await start_client(url, ALPHA_TOKEN, spec)
+    assert await wait_tunnel(restarted, echo.target, timeout=3 + 2) == port
+    await echo_check(port, MIB)

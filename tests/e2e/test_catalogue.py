@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import signal
 import socket
@@ -40,6 +41,7 @@ from tests.e2e.services import (
     send_pattern,
 )
 from tests.e2e.test_link_faults import _first_control, _login
+from tunnel.client.dialer import DIAL_TIMEOUT
 from tunnel.common.frames import HEADER, MAX_MESSAGE_SIZE, PROTOCOL_VERSION, FrameType
 from tunnel.server.control import PRE_AUTH_MAX_MESSAGE
 
@@ -416,3 +418,48 @@ async def test_S2_no_secret_in_debug_logs_from_any_source(tmp_path: Path) -> Non
     for form in _secret_forms(ALPHA_TOKEN) + _secret_forms("not-the-alpha-token-0000"):
         for text in outputs:
             assert form not in text, "a secret reached a log"
+
+
+async def test_R7_blackholed_target_times_out_then_resets_and_logs_once(
+        tmp_path: Path) -> None:
+    """A local target that swallows SYNs (a listener whose queue is full and never
+    accepts): the visitor gets a reset when the 10 s dial timeout ends, not a hang, and the
+    client logs the failure once per 10 s per target, not per visitor."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    target_port = blackhole.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue; later SYNs are dropped by the kernel
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", target_port))
+            fillers.append(filler)
+        (port,) = free_ports(1)
+        _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
+        client = await start_client(url, ALPHA_TOKEN, [f"127.0.0.1:{target_port}:fixed-{port}"])
+        assert await wait_tunnel(client, f"127.0.0.1:{target_port}") == port
+
+        visitors = [await open_visitor(port) for _ in range(3)]
+        started = time.monotonic()
+        outcomes = []
+        for reader, writer in visitors:
+            try:
+                async with asyncio.timeout(DIAL_TIMEOUT + 3):
+                    data = await reader.read(1)
+                outcomes.append("eof" if data == b"" else "data")
+            except ConnectionResetError:
+                outcomes.append("reset")
+            finally:
+                await close_writer(writer)
+        elapsed = time.monotonic() - started
+        assert outcomes == ["reset"] * 3
+        assert DIAL_TIMEOUT - 1 <= elapsed <= DIAL_TIMEOUT + 3
+        unreachable = [line for line in client.stderr_lines if "unreachable" in line]
+        assert len(unreachable) == 1, unreachable
+    finally:
+        for filler in fillers:
+            filler.close()
+        blackhole.close()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import os
+import random
 import signal
 import socket
 import struct
@@ -37,6 +39,7 @@ from tests.e2e.services import (
     echo_check,
     open_visitor,
     pattern_digest,
+    read_exactly_digest,
     read_to_eof,
     send_pattern,
 )
@@ -463,3 +466,39 @@ async def test_R7_blackholed_target_times_out_then_resets_and_logs_once(
         for filler in fillers:
             filler.close()
         blackhole.close()
+
+
+@pytest.mark.parametrize("nodelay", [True, False])
+async def test_I3_write_size_fuzz(tmp_path: Path, nodelay: bool) -> None:
+    """Writes of 0, 1, 2, 1460, 16 KiB-1, 64 KiB+1 and 8 MiB bytes, and one 64 MiB write
+    (far above the link's message size), arrive byte-exact through an echo."""
+    echo = EchoService()
+    await echo.start()
+    (port,) = free_ports(1)
+    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
+    client = await start_client(url, ALPHA_TOKEN, [f"{echo.target}:fixed-{port}"])
+    assert await wait_tunnel(client, echo.target) == port
+
+    rng = random.Random(1234 + nodelay)
+    sizes = [0, 1, 2, 1460, 16 * 1024 - 1, 64 * 1024 + 1, 8 * MIB]
+    pieces = [rng.randbytes(size) for size in rng.choices(sizes, k=40)]
+    pieces.append(rng.randbytes(64 * MIB))
+    total = sum(len(p) for p in pieces)
+    expected = hashlib.sha256(b"".join(pieces)).hexdigest()
+
+    async with asyncio.timeout(120):
+        reader, writer = await open_visitor(port)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay))
+
+        async def send() -> None:
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+
+        try:
+            _, (got_len, got) = await asyncio.gather(send(), read_exactly_digest(reader, total))
+        finally:
+            await close_writer(writer)
+    assert got_len == total
+    assert got == expected

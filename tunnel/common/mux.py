@@ -170,6 +170,7 @@ class Mux:
     window: int = INITIAL_WINDOW
     _streams: dict[int, _Stream] = field(default_factory=dict)
     _urgent: list[bytes] = field(default_factory=list)
+    _urgent_size: int = 0
     _data: deque[bytes] = field(default_factory=deque)
     #: Bytes of DATA frames queued but not yet taken by :meth:`next_message`.
     pending_data_bytes: int = 0
@@ -193,6 +194,7 @@ class Mux:
                 size += len(urgent[count])
                 count += 1
             batch, self._urgent = urgent[:count], urgent[count:]
+            self._urgent_size -= size
             return batch[0] if count == 1 else b"".join(batch)
         data = self._data
         if not data:
@@ -212,10 +214,14 @@ class Mux:
 
     def urgent_bytes(self) -> int:
         """Size of the queued control frames (a flood check for the I/O layer)."""
-        return sum(len(frame) for frame in self._urgent)
+        return self._urgent_size
 
     def has_output(self) -> bool:
         return bool(self._urgent or self._data)
+
+    def _queue_urgent(self, frame: bytes) -> None:
+        self._urgent.append(frame)
+        self._urgent_size += len(frame)
 
     def _queue_data(self, frame: bytes) -> None:
         self._data.append(frame)
@@ -247,7 +253,7 @@ class Mux:
         self._last_id = stream_id
         self._streams[stream_id] = _Stream()
         payload = HEADER_OPEN.pack(tunnel_id) + peer.encode("utf-8", "replace")[:MAX_PEER_BYTES]
-        self._urgent.append(encode_frame(Frame(FrameType.OPEN, stream_id, payload=payload)))
+        self._queue_urgent(encode_frame(Frame(FrameType.OPEN, stream_id, payload=payload)))
         return stream_id
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
@@ -276,7 +282,7 @@ class Mux:
         """Abort a stream in both directions; unknown or finished streams are ignored."""
         if self._streams.pop(stream_id, None) is None:
             return
-        self._urgent.append(encode_frame(Frame(FrameType.RESET, stream_id, value=code)))
+        self._queue_urgent(encode_frame(Frame(FrameType.RESET, stream_id, value=code)))
 
     def consumed(self, stream_id: int, size: int) -> None:
         """Bytes of a stream left our buffers: grant them back in batches."""
@@ -288,19 +294,19 @@ class Mux:
             grant, stream.unacked = stream.unacked, 0
             stream.recv_window += grant
             update = Frame(FrameType.WINDOW_UPDATE, stream_id, value=grant)
-            self._urgent.append(encode_frame(update))
+            self._queue_urgent(encode_frame(update))
 
     def send_control(self, message: dict[str, Any]) -> None:
         payload = json.dumps(message, separators=(",", ":")).encode("utf-8")
         if len(payload) > MAX_CONTROL_PAYLOAD:
             raise LocalProtocolError(f"control message of {len(payload)} bytes is too large")
-        self._urgent.append(encode_frame(Frame(FrameType.CONTROL, payload=payload)))
+        self._queue_urgent(encode_frame(Frame(FrameType.CONTROL, payload=payload)))
 
     def send_ping(self, value: int) -> None:
-        self._urgent.append(encode_frame(Frame(FrameType.PING, value=value & 0xFFFFFFFF)))
+        self._queue_urgent(encode_frame(Frame(FrameType.PING, value=value & 0xFFFFFFFF)))
 
     def send_goaway(self, code: GoAwayCode) -> None:
-        self._urgent.append(encode_frame(Frame(FrameType.GOAWAY, value=code)))
+        self._queue_urgent(encode_frame(Frame(FrameType.GOAWAY, value=code)))
 
     def reset_all(self) -> list[int]:
         """Forget every stream (the link is gone); returns their ids for the I/O layer."""
@@ -366,7 +372,7 @@ class Mux:
         (tunnel_id,) = HEADER_OPEN.unpack_from(frame.payload)
         peer = bytes(frame.payload[HEADER_OPEN.size:]).decode("utf-8", "replace")
         if len(self._streams) >= self.max_streams:
-            self._urgent.append(encode_frame(Frame(FrameType.RESET, sid, value=ResetCode.REFUSED)))
+            self._queue_urgent(encode_frame(Frame(FrameType.RESET, sid, value=ResetCode.REFUSED)))
             return
         self._streams[sid] = _Stream()
         events.append(StreamOpened(sid, tunnel_id, peer))
@@ -381,7 +387,7 @@ class Mux:
         if frame.flags & Flag.ACK:
             events.append(PongReceived(frame.value))
             return
-        self._urgent.append(encode_frame(Frame(FrameType.PING, flags=Flag.ACK, value=frame.value)))
+        self._queue_urgent(encode_frame(Frame(FrameType.PING, flags=Flag.ACK, value=frame.value)))
         events.append(PingReceived(frame.value))
 
     def _on_goaway(self, frame: Frame, events: list[Event]) -> None:

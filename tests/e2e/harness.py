@@ -35,6 +35,7 @@ __all__ = [
     "start_client",
     "start_proc",
     "start_server",
+    "start_tunnel",
     "wait_tunnel",
 ]
 
@@ -325,6 +326,18 @@ async def wait_tunnel(
     if mode is not None:
         assert match["mode"] == mode, f"expected a {mode} tunnel, got: {match.group(0)!r}"
     return int(match["port"])
+
+
+async def start_tunnel(tmp_path: Path, target: str, **overrides: Any) -> tuple[Proc, Proc, int]:
+    """A relay with one free public port and client alpha exposing ``target`` on it, live.
+
+    Returns ``(relay, client, public port)``; ``overrides`` go into :func:`server_config`.
+    """
+    (port,) = free_ports(1)
+    relay, url = await start_server(tmp_path, server_config(tmp_path, [port], **overrides))
+    client = await start_client(url, ALPHA_TOKEN, [f"{target}:fixed-{port}"])
+    assert await wait_tunnel(client, target, mode="fixed") == port
+    return relay, client, port
 
 
 def url_port(url: str) -> int:

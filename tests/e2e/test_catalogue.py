@@ -29,6 +29,7 @@ from tests.e2e.harness import (
     start_client,
     start_proc,
     start_server,
+    start_tunnel,
     wait_tunnel,
 )
 from tests.e2e.services import (
@@ -71,10 +72,7 @@ async def test_I7_abort_is_not_eof(tmp_path: Path) -> None:
     (an error), never a clean end of file, within 1 s of the abort."""
     service = ResettingService(before=5 * MIB)
     await service.start()
-    (port,) = free_ports(1)
-    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
-    client = await start_client(url, ALPHA_TOKEN, [f"{service.target}:fixed-{port}"])
-    assert await wait_tunnel(client, service.target) == port
+    _, _, port = await start_tunnel(tmp_path, service.target)
 
     reader, writer = await open_visitor(port)
     received = 0
@@ -149,10 +147,7 @@ class OutcomeService(TcpService):
 async def test_I7_mirror_visitor_abort_reaches_the_service_as_a_reset(tmp_path: Path) -> None:
     service = OutcomeService()
     await service.start()
-    (port,) = free_ports(1)
-    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
-    client = await start_client(url, ALPHA_TOKEN, [f"{service.target}:fixed-{port}"])
-    assert await wait_tunnel(client, service.target) == port
+    _, _, port = await start_tunnel(tmp_path, service.target)
 
     _, writer = await open_visitor(port)
     await send_pattern(writer, 9, 5 * MIB)
@@ -192,10 +187,7 @@ async def test_I4b_local_side_half_closes_first(tmp_path: Path) -> None:
     reads all of it and EOF, then still sends its own 1 MiB, which the service receives."""
     service = SpeaksFirstService()
     await service.start()
-    (port,) = free_ports(1)
-    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
-    client = await start_client(url, ALPHA_TOKEN, [f"{service.target}:fixed-{port}"])
-    assert await wait_tunnel(client, service.target) == port
+    _, _, port = await start_tunnel(tmp_path, service.target)
 
     async with asyncio.timeout(30):
         reader, writer = await open_visitor(port)
@@ -321,10 +313,7 @@ async def test_I5_empty_streams(tmp_path: Path) -> None:
     cycles = 200
     service = ConnectEofService()
     await service.start()
-    (port,) = free_ports(1)
-    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
-    client = await start_client(url, ALPHA_TOKEN, [f"{service.target}:fixed-{port}"])
-    assert await wait_tunnel(client, service.target) == port
+    _, _, port = await start_tunnel(tmp_path, service.target)
     # In batches of 32 (the client allows 64 local connects in flight, by design, B-6).
     for batch in range(cycles // 32 + 1):
         for _ in range(min(32, cycles - batch * 32)):
@@ -474,10 +463,7 @@ async def test_I3_write_size_fuzz(tmp_path: Path, nodelay: bool) -> None:
     (far above the link's message size), arrive byte-exact through an echo."""
     echo = EchoService()
     await echo.start()
-    (port,) = free_ports(1)
-    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
-    client = await start_client(url, ALPHA_TOKEN, [f"{echo.target}:fixed-{port}"])
-    assert await wait_tunnel(client, echo.target) == port
+    _, _, port = await start_tunnel(tmp_path, echo.target)
 
     rng = random.Random(1234 + nodelay)
     sizes = [0, 1, 2, 1460, 16 * 1024 - 1, 64 * 1024 + 1, 8 * MIB]
@@ -511,10 +497,7 @@ async def test_I6_no_cross_talk_between_concurrent_streams(tmp_path: Path) -> No
     streams, blocks, size = 200, 32, 4096
     echo = EchoService()
     await echo.start()
-    (port,) = free_ports(1)
-    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
-    client = await start_client(url, ALPHA_TOKEN, [f"{echo.target}:fixed-{port}"])
-    assert await wait_tunnel(client, echo.target) == port
+    _, _, port = await start_tunnel(tmp_path, echo.target)
 
     visitors: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:

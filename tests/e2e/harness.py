@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,11 +28,16 @@ __all__ = [
     "BETA_TOKEN",
     "EXIT_TIMEOUT",
     "LINE_TIMEOUT",
+    "PINS",
     "STARTED",
+    "VARIANT",
+    "VARIANTS",
     "Proc",
+    "Variant",
     "free_port_range",
     "free_ports",
     "server_config",
+    "set_variant",
     "start_client",
     "start_proc",
     "start_server",
@@ -49,9 +55,38 @@ TRACEBACK = "Traceback (most recent call last)"
 # Overridable to run the suite against another implementation of the same contract.
 SERVER_MODULE = os.environ.get("TUNNEL_E2E_SERVER_MODULE", "tunnel.server.cli")
 CLIENT_MODULE = os.environ.get("TUNNEL_E2E_CLIENT_MODULE", "tunnel.client.cli")
-LISTENING_RE = r"^tunnel-server: listening on (?P<url>ws://\S+)$"
+LISTENING_RE = r"^tunnel-server: listening on (?P<url>wss?://\S+)$"
+FINGERPRINT_RE = r"^tunnel-server: tls fingerprint (?P<fp>sha256:[0-9a-f]{64})$"
 
 STARTED: list[Proc] = []
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the programs of one test run: which event loop, and TLS on the link or not.
+
+    The catalogue runs every link test on the stock asyncio loop and on uvloop, with TLS on
+    and off. :func:`server_config` and :func:`start_proc` read :data:`VARIANT`, so a test
+    written once runs in all four; the ``variant`` fixture (tests/e2e/conftest.py) sets it.
+    """
+
+    uvloop: bool = True
+    tls: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{'uvloop' if self.uvloop else 'asyncio'}-{'tls' if self.tls else 'plain'}"
+
+
+VARIANTS = tuple(Variant(uvloop=u, tls=t) for u in (False, True) for t in (False, True))
+VARIANT = Variant()
+# The pin of each relay started with TLS, by its link URL: start_client passes it on.
+PINS: dict[str, str] = {}
+
+
+def set_variant(variant: Variant) -> None:
+    global VARIANT
+    VARIANT = variant
 
 
 def free_ports(n: int) -> list[int]:
@@ -220,6 +255,8 @@ class Proc:
 def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
     env.pop("PYTHONUNBUFFERED", None)  # the programs must flush their lines themselves
+    if not VARIANT.uvloop:
+        env["TUNNEL_NO_UVLOOP"] = "1"
     if extra:
         env.update(extra)
     return env
@@ -266,7 +303,7 @@ def server_config(
         "state_dir": str(tmp_path / "state"),
         "heartbeat_interval": 1,
         "heartbeat_timeout": 3,
-        "tls": "off",  # plain ws:// on loopback; the TLS suite turns it on
+        "tls": "auto" if VARIANT.tls else "off",  # the variant decides; see Variant
         "clients": {name: dict(spec) for name, spec in clients.items()},
     }
     config.update(overrides)
@@ -285,8 +322,12 @@ async def start_server(
     """Write ``config`` to ``tmp_path/name``, start the relay, wait for its listening line."""
     path = write_config(tmp_path, config, name)
     proc = await start_proc("tunnel-server", SERVER_MODULE, ["--config", str(path)], cwd=tmp_path)
-    match = await proc.wait_for_line(LISTENING_RE)
-    return proc, match["url"]
+    since = proc.mark()
+    match = await proc.wait_for_line(LISTENING_RE, since=since)
+    url = match["url"]
+    if url.startswith("wss://"):
+        PINS[url] = (await proc.wait_for_line(FINGERPRINT_RE, since=since))["fp"]
+    return proc, url
 
 
 async def start_client(
@@ -300,6 +341,8 @@ async def start_client(
     args: list[str] = []
     if url is not None:
         args += ["--server", url]
+        if url in PINS:  # a relay this test started with TLS: pin its key, as users do
+            args += ["--fingerprint", PINS[url]]
     if token is not None:
         args += ["--token", token]
     for spec in exposes:

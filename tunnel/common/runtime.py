@@ -38,5 +38,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop when it is importable, else on the stock loop."""
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    factory = _loop_factory()
+    logging.getLogger("tunnel").info("event loop: %s", "asyncio" if factory is None else "uvloop")
+    with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)

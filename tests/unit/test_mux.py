@@ -23,6 +23,7 @@ from hypothesis.stateful import (
 
 from tunnel.common.errors import LocalProtocolError, RemoteProtocolError
 from tunnel.common.frames import (
+    HEADER,
     HEADER_SIZE,
     MAX_DATA_PAYLOAD,
     MAX_MESSAGE_SIZE,
@@ -37,6 +38,10 @@ from tunnel.common.frames import (
 from tunnel.common.mux import (
     DEFAULT_MAX_STREAMS,
     INITIAL_WINDOW,
+    MAX_CONTROL_FRAMES_PER_SECOND,
+    MAX_EMPTY_DATA_PER_SECOND,
+    MAX_STRAY_DATA_PER_MINUTE,
+    MIN_EARNED_GRANT,
     ControlReceived,
     DataReceived,
     Event,
@@ -45,6 +50,7 @@ from tunnel.common.mux import (
     Mux,
     PingReceived,
     PongReceived,
+    RateLimit,
     ResetCode,
     Role,
     StreamEnded,
@@ -505,11 +511,12 @@ def test_data_after_fin_is_a_protocol_error() -> None:
         client.receive(encode_data(1, b"x"))
 
 
-def test_empty_data_without_fin_is_a_protocol_error() -> None:
+def test_empty_data_without_fin_creates_no_event() -> None:
+    """Reliability I-5: an empty DATA frame is legal but meaningless; it is only counted."""
     client = Mux(Role.CLIENT)
     client.receive(raw_open(1))
-    with pytest.raises(RemoteProtocolError):
-        client.receive(encode_data(1, b""))
+    assert client.receive(encode_data(1, b"") * 10) == []
+    assert client.send_window(1) == INITIAL_WINDOW
 
 
 def test_fin_is_delivered_after_queued_data(pair: MuxPair) -> None:
@@ -795,15 +802,15 @@ def test_four_full_frames_fill_one_message_exactly(pair: MuxPair) -> None:
 
 
 def test_control_frames_never_exceed_the_message_cap() -> None:
+    """Queued pings (a received flood is cut off by the rate limit, so queue them here)."""
     client = Mux(Role.CLIENT)
-    ping_flood = encode_frame(Frame(FrameType.PING, value=7)) * (MAX_MESSAGE_SIZE // HEADER_SIZE)
-    assert len(ping_flood) <= MAX_MESSAGE_SIZE
-    client.receive(ping_flood)
-    client.receive(ping_flood)  # a second message before the writer ran
+    count = 2 * (MAX_MESSAGE_SIZE // HEADER_SIZE)
+    for value in range(count):
+        client.send_ping(value)
     sizes = []
     while (message := client.next_message()) is not None:
         sizes.append(len(message))
-    assert sum(sizes) == 2 * len(ping_flood)
+    assert sum(sizes) == count * HEADER_SIZE
     assert max(sizes) <= MAX_MESSAGE_SIZE
 
 
@@ -998,3 +1005,203 @@ MuxPairMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow])
 test_mux_pair_state_machine = MuxPairMachine.TestCase
 
+
+
+# ----------------------------------------------------------------------------- flood limits
+
+
+class FakeClock:
+    """An injected clock the tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clocked(role: Role) -> tuple[Mux, FakeClock]:
+    clock = FakeClock()
+    return Mux(role, clock=clock), clock
+
+
+def test_rate_limit_is_a_token_bucket() -> None:
+    rate = RateLimit(3, 1.0)
+    assert [rate.allow(0.0) for _ in range(4)] == [True, True, True, False]
+    assert rate.allow(0.34)  # a third of a second refills one token
+    assert not rate.allow(0.34)
+    assert [rate.allow(10.0) for _ in range(4)] == [True, True, True, False]  # burst capped
+
+
+def test_B7_ping_flood_over_the_limit_is_a_protocol_error() -> None:
+    relay, _ = clocked(Role.RELAY)
+    ping = encode_frame(Frame(FrameType.PING, value=1))
+    assert len(relay.receive(ping * MAX_CONTROL_FRAMES_PER_SECOND)) == MAX_CONTROL_FRAMES_PER_SECOND
+    with pytest.raises(RemoteProtocolError, match="more than 100 control frames per second"):
+        relay.receive(ping)
+
+
+@pytest.mark.parametrize("frame", [
+    encode_frame(Frame(FrameType.PING, value=1)),
+    encode_frame(Frame(FrameType.PING, flags=Flag.ACK, value=1)),
+    encode_frame(Frame(FrameType.GOAWAY, value=0)),
+    encode_frame(Frame(FrameType.CONTROL, payload=b'{"type":"x"}')),
+    encode_frame(Frame(FrameType.WINDOW_UPDATE, 1, value=1)),
+], ids=["ping", "pong", "goaway", "control", "tiny-window-update"])
+def test_B7_each_control_frame_kind_counts(frame: bytes) -> None:
+    client, clock = clocked(Role.CLIENT)
+    client.receive(raw_open(1))
+    client.send_data(1, b"x" * 10)  # spent credit, so a 1-byte grant stays below MAX_WINDOW
+    for _ in range(3):  # the limit is a rate: a steady 100/s is fine for ever
+        clock.now += 1.0
+        for _ in range(MAX_CONTROL_FRAMES_PER_SECOND):
+            client.receive(frame)
+    with pytest.raises(RemoteProtocolError, match="control frames"):
+        client.receive(frame)
+
+
+def test_B7_earned_window_updates_do_not_count(pair: MuxPair) -> None:
+    """Credit returned for bytes we really sent is the normal bulk path: never limited."""
+    clock = FakeClock()
+    pair.relay.clock = pair.client.clock = clock
+    ids = [pair.open(i) for i in range(64)]
+    for _ in range(4):  # 64 streams x 4 windows of bulk in one clock instant
+        for sid in ids:
+            sent = fill_window(pair.relay, sid)
+            pair.to_client()
+            pair.client.consumed(sid, len(sent))
+        pair.to_relay()
+    assert all(pair.relay.send_window(sid) == INITIAL_WINDOW for sid in ids)
+
+
+def test_B7_unearned_large_window_updates_count() -> None:
+    """A grant pushing the window above its initial size returns credit never spent."""
+    client, _ = clocked(Role.CLIENT)
+    client.receive(raw_open(1))
+    update = encode_frame(Frame(FrameType.WINDOW_UPDATE, 1, value=MIN_EARNED_GRANT))
+    with pytest.raises(RemoteProtocolError, match="control frames"):
+        for _ in range(MAX_CONTROL_FRAMES_PER_SECOND + 1):
+            client.receive(update)
+
+
+def test_B5_one_byte_window_updates_are_a_rate_limited_dribble(pair: MuxPair) -> None:
+    """Each 1-byte grant lets the sender emit one 1-byte frame, never a queue of them."""
+    clock = FakeClock()
+    pair.relay.clock = clock
+    sid = pair.open()
+    fill_window(pair.relay, sid)
+    pair.to_client()
+    frames_sent = 0
+    for _ in range(50):
+        clock.now += 0.02  # 50 grants per second, under the limit
+        events = pair.relay.receive(encode_frame(Frame(FrameType.WINDOW_UPDATE, sid, value=1)))
+        assert events == [WindowOpened(sid)]
+        pair.relay.send_data(sid, b"y" * pair.relay.send_window(sid))
+        while (message := pair.relay.next_message()) is not None:
+            frames_sent += len(decode_frames(message))
+        assert pair.relay.send_window(sid) == 0
+    assert frames_sent == 50
+    with pytest.raises(RemoteProtocolError, match="control frames"):
+        pair.relay.receive(encode_frame(Frame(FrameType.WINDOW_UPDATE, sid, value=1))
+                           * (MAX_CONTROL_FRAMES_PER_SECOND + 1))
+
+
+def test_I5_empty_data_frames_beyond_the_limit_are_a_protocol_error() -> None:
+    client, clock = clocked(Role.CLIENT)
+    client.receive(raw_open(1))
+    empty = encode_data(1, b"")
+    assert client.receive(empty * MAX_EMPTY_DATA_PER_SECOND) == []
+    clock.now += 0.5  # refills half the bucket
+    assert client.receive(empty * (MAX_EMPTY_DATA_PER_SECOND // 2)) == []
+    with pytest.raises(RemoteProtocolError, match="more than 1000 empty DATA frames"):
+        client.receive(empty)
+
+
+def test_B4_data_in_flight_when_we_reset_is_drained_without_penalty(pair: MuxPair) -> None:
+    """A whole window of small frames racing our RESET is normal, not an attack."""
+    sid = pair.open()
+    pair.client.send_data(sid, b"z")  # 1 byte arrived before the reset
+    pair.to_relay()
+    pair.relay.reset(sid)
+    small = [encode_data(sid, b"q" * 4096) for _ in range((INITIAL_WINDOW - 1) // 4096)]
+    for frame in small:
+        assert pair.relay.receive(frame) == []
+    assert pair.relay.stray_frames == len(small) > MAX_STRAY_DATA_PER_MINUTE
+    assert pair.relay.receive(encode_data(sid, b"", fin=True)) == []
+
+
+def test_B4_stray_data_beyond_the_in_flight_allowance_is_limited_per_minute(
+        pair: MuxPair) -> None:
+    clock = FakeClock()
+    pair.relay.clock = clock
+    sid = pair.open()
+    pair.relay.reset(sid)
+    pair.relay.receive(encode_data(sid, b"q" * MAX_DATA_PAYLOAD) * 8)  # the whole window
+    stray = encode_data(sid, b"!")
+    for _ in range(MAX_STRAY_DATA_PER_MINUTE):
+        assert pair.relay.receive(stray) == []
+    clock.now += 30.0  # half a minute refills half the budget
+    for _ in range(MAX_STRAY_DATA_PER_MINUTE // 2):
+        assert pair.relay.receive(stray) == []
+    with pytest.raises(RemoteProtocolError, match="more than 100 DATA frames for closed streams "
+                                                  "per 60 s"):
+        pair.relay.receive(stray)
+    assert pair.relay.stray_frames == 8 + 150 + 1
+
+
+def test_B4_stray_data_after_the_peer_finished_is_limited() -> None:
+    """A stream freed by FIN both ways expects nothing more: every stray frame counts."""
+    client, _ = clocked(Role.CLIENT)
+    client.receive(raw_open(1))
+    client.send_eof(1)
+    client.receive(encode_data(1, b"", fin=True))
+    assert 1 not in client
+    with pytest.raises(RemoteProtocolError, match="closed streams"):
+        client.receive(encode_data(1, b"x") * (MAX_STRAY_DATA_PER_MINUTE + 1))
+
+
+@pytest.mark.parametrize("frames", [
+    [raw_open(3), raw_open(3)],  # a live id reused
+    [raw_open(3), raw_open(1)],  # not increasing
+    [raw_open(2)],  # wrong parity
+], ids=["reused", "decreasing", "even"])
+def test_B4_stream_id_misuse_is_a_protocol_error(frames: list[bytes]) -> None:
+    client = Mux(Role.CLIENT)
+    for frame in frames[:-1]:
+        client.receive(frame)
+    with pytest.raises(RemoteProtocolError, match="reused, not increasing or wrong parity"):
+        client.receive(frames[-1])
+
+
+def test_B4_open_from_the_side_not_allowed_to_open_is_a_protocol_error() -> None:
+    with pytest.raises(RemoteProtocolError, match="client may not open"):
+        Mux(Role.RELAY).receive(raw_open(1))
+
+
+def test_B4_in_flight_allowance_memory_is_bounded() -> None:
+    relay = Mux(Role.RELAY, max_streams=10_000)
+    for _ in range(3 * DEFAULT_MAX_STREAMS):
+        relay.reset(relay.open_stream(1, "v"))
+    assert len(relay._in_flight_allowance) == 2 * DEFAULT_MAX_STREAMS
+
+
+def test_B5_data_one_byte_past_the_window_resets_only_that_stream() -> None:
+    client = Mux(Role.CLIENT)
+    client.receive(raw_open(1))
+    client.receive(raw_open(3))
+    client.receive(encode_data(1, b"a" * MAX_DATA_PAYLOAD) * 8)  # exactly the window
+    assert client.receive(encode_data(1, b"b")) == [StreamReset(1, ResetCode.FLOW_CONTROL)]
+    assert frames_of(client.next_message()) == [
+        (FrameType.RESET, 1, Flag.NONE, b"", ResetCode.FLOW_CONTROL)]
+    assert client.receive(encode_data(3, b"c")) == [DataReceived(3, b"c")]
+
+
+@pytest.mark.parametrize("wire", [
+    HEADER.pack(1, FrameType.WINDOW_UPDATE, 0, 1, 0),  # increment 0
+    HEADER.pack(1, FrameType.WINDOW_UPDATE, 0, 1, MAX_WINDOW),  # window above its maximum
+], ids=["increment-0", "above-max"])
+def test_B5_bad_window_updates_are_protocol_errors(wire: bytes) -> None:
+    client = Mux(Role.CLIENT)
+    client.receive(raw_open(1))
+    with pytest.raises(RemoteProtocolError):
+        client.receive(wire)

@@ -307,6 +307,9 @@ class Link:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.clock = clock or asyncio.get_running_loop().time
+        mux.clock = self.clock  # the mux's flood limits run on our clock
+        #: Set when the peer broke the protocol (the relay counts these; reliability B-3).
+        self.protocol_error: str | None = None
         self.streams: dict[int, StreamSocket] = {}
         self.paused: set[StreamSocket] = set()
         self.on_open: OpenHandler | None = None
@@ -364,6 +367,7 @@ class Link:
             await self._read_loop()
         except RemoteProtocolError as exc:
             self.close_reason = f"protocol error: {exc}"
+            self.protocol_error = str(exc)
             self.log.warning("closing link of %s: %s", self.name, self.close_reason)
             self.mux.send_goaway(GoAwayCode.PROTOCOL_ERROR)
             await self._flush_quietly()

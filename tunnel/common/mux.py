@@ -12,6 +12,13 @@ the window. Credit is batched: an update is sent once half the window has been c
 
 Only the relay opens streams (a visitor connected to a public port); stream ids are odd and
 strictly increasing, and an OPEN from the client is a protocol error.
+
+Floods are bounded here, on an injected clock (reliability B-4, B-7, I-5): frames that carry
+no stream bytes and that the peer sends on its own initiative (PING, GOAWAY, CONTROL, and
+window updates that return no credit we actually spent) are limited to
+``MAX_CONTROL_FRAMES_PER_SECOND``; empty DATA frames to ``MAX_EMPTY_DATA_PER_SECOND``; DATA for
+a stream we already reset, beyond what the peer may still have had in flight, to
+``MAX_STRAY_DATA_PER_MINUTE``. Going over any of them is a protocol error.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ from .frames import (
 __all__ = [
     "DEFAULT_MAX_STREAMS",
     "INITIAL_WINDOW",
+    "MAX_CONTROL_FRAMES_PER_SECOND",
+    "MAX_EMPTY_DATA_PER_SECOND",
+    "MAX_STRAY_DATA_PER_MINUTE",
+    "MIN_EARNED_GRANT",
     "ControlReceived",
     "DataReceived",
     "Event",
@@ -50,6 +61,7 @@ __all__ = [
     "Mux",
     "PingReceived",
     "PongReceived",
+    "RateLimit",
     "ResetCode",
     "Role",
     "StreamEnded",
@@ -62,6 +74,20 @@ __all__ = [
 INITIAL_WINDOW = 1024 * 1024
 #: Streams one link may hold at once; an OPEN beyond it is answered with RESET(REFUSED).
 DEFAULT_MAX_STREAMS = 256
+#: Unsolicited data-less frames a peer may send per second (PINGs, GOAWAY, CONTROL, window
+#: updates that return no spent credit). Our own peer sends about 2 per heartbeat interval
+#: plus a telemetry message every 5 s; the credit it returns for bulk data does not count.
+MAX_CONTROL_FRAMES_PER_SECOND = 100
+#: Empty DATA frames (no bytes, no FIN) a peer may send per second; ours sends none.
+MAX_EMPTY_DATA_PER_SECOND = 1000
+#: DATA frames per minute for a stream already gone, beyond the bytes the peer could still
+#: have had in flight when we reset it (those are drained without counting against it).
+MAX_STRAY_DATA_PER_MINUTE = 100
+#: A WINDOW_UPDATE returning at least this much spent credit is earned, not a control frame:
+#: our receiver grants in batches of half a window, a dribbler in single bytes.
+MIN_EARNED_GRANT = MAX_DATA_PAYLOAD // 8
+#: Closed streams whose in-flight allowance we remember (oldest forgotten first).
+STRAY_MEMORY = 2 * DEFAULT_MAX_STREAMS
 #: OPEN payload: tunnel id, then the visitor address as UTF-8.
 HEADER_OPEN = struct.Struct("!I")
 MAX_PEER_BYTES = MAX_OPEN_PAYLOAD - HEADER_OPEN.size
@@ -152,6 +178,35 @@ Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | WindowOpened
 # ----------------------------------------------------------------------------- state
 
 
+def _frozen_clock() -> float:
+    """The default clock of a bare Mux: limits then count in total, never refill."""
+    return 0.0
+
+
+@dataclass(slots=True)
+class RateLimit:
+    """A token bucket: ``limit`` events per ``period`` seconds, bursts up to ``limit``."""
+
+    limit: int
+    period: float
+    _tokens: float = -1.0
+    _stamp: float = 0.0
+
+    def allow(self, now: float) -> bool:
+        """Take one token at time ``now``; False once the peer has gone over the rate."""
+        if self._tokens < 0:
+            self._tokens, self._stamp = float(self.limit), now
+        elif now > self._stamp:
+            refill = (now - self._stamp) * self.limit / self.period
+            self._tokens = min(float(self.limit), self._tokens + refill)
+            self._stamp = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+
 @dataclass(slots=True)
 class _Stream:
     send_window: int = INITIAL_WINDOW
@@ -177,6 +232,17 @@ class Mux:
     _last_id: int = 0
     #: Frames for streams already gone (drained, counted; see reliability B-4).
     stray_frames: int = 0
+    #: Time source for the flood limits; the I/O layer injects its event loop's clock.
+    clock: Callable[[], float] = _frozen_clock
+    _now: float = 0.0
+    _control_rate: RateLimit = field(
+        default_factory=lambda: RateLimit(MAX_CONTROL_FRAMES_PER_SECOND, 1.0))
+    _empty_rate: RateLimit = field(
+        default_factory=lambda: RateLimit(MAX_EMPTY_DATA_PER_SECOND, 1.0))
+    _stray_rate: RateLimit = field(
+        default_factory=lambda: RateLimit(MAX_STRAY_DATA_PER_MINUTE, 60.0))
+    #: Closed stream -> DATA bytes the peer may still have had in flight when we reset it.
+    _in_flight_allowance: dict[int, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ outputs
 
@@ -280,8 +346,11 @@ class Mux:
 
     def reset(self, stream_id: int, code: ResetCode = ResetCode.ABORTED) -> None:
         """Abort a stream in both directions; unknown or finished streams are ignored."""
-        if self._streams.pop(stream_id, None) is None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
             return
+        if not stream.remote_ended:
+            self._remember_in_flight(stream_id, stream.recv_window)
         self._queue_urgent(encode_frame(Frame(FrameType.RESET, stream_id, value=code)))
 
     def consumed(self, stream_id: int, size: int) -> None:
@@ -312,6 +381,7 @@ class Mux:
         """Forget every stream (the link is gone); returns their ids for the I/O layer."""
         ids = list(self._streams)
         self._streams.clear()
+        self._in_flight_allowance.clear()
         return ids
 
     # ------------------------------------------------------------------ input
@@ -319,28 +389,35 @@ class Mux:
     def receive(self, message: bytes | bytearray | memoryview) -> list[Event]:
         """Process one link message; raise RemoteProtocolError if the peer broke the rules."""
         events: list[Event] = []
+        self._now = self.clock()
         for frame in decode_frames(message):
             _HANDLERS[frame.type](self, frame, events)
         return events
 
+    def _limit(self, rate: RateLimit, what: str) -> None:
+        """Count one frame against ``rate``; a peer over it is flooding (reliability B-7)."""
+        if not rate.allow(self._now):
+            per = "second" if rate.period == 1.0 else f"{rate.period:g} s"
+            raise RemoteProtocolError(f"more than {rate.limit} {what} per {per}")
+
     def _on_data(self, frame: Frame, events: list[Event]) -> None:
         sid = frame.stream_id
+        size = len(frame.payload)
+        fin = bool(frame.flags & Flag.FIN)
+        if size == 0 and not fin:
+            # Carries nothing and creates no event, but costs a decode: rate-limited (I-5).
+            self._limit(self._empty_rate, "empty DATA frames")
         stream = self._streams.get(sid)
         if stream is None:
-            self._check_known_id(sid)
-            self.stray_frames += 1
+            self._on_stray_data(sid, size, fin)
             return
         if stream.remote_ended:
             raise RemoteProtocolError(f"stream {sid}: data after FIN")
-        size = len(frame.payload)
         if size > stream.recv_window:
             # Overrunning the window resets the stream, not the link (reliability B-5).
             self.reset(sid, ResetCode.FLOW_CONTROL)
             events.append(StreamReset(sid, ResetCode.FLOW_CONTROL))
             return
-        fin = bool(frame.flags & Flag.FIN)
-        if size == 0 and not fin:
-            raise RemoteProtocolError(f"stream {sid}: empty DATA without FIN")
         stream.recv_window -= size
         if size:
             events.append(DataReceived(sid, frame.payload))
@@ -349,11 +426,39 @@ class Mux:
             self._maybe_free(sid, stream)
             events.append(StreamEnded(sid))
 
+    def _on_stray_data(self, sid: int, size: int, fin: bool) -> None:
+        """DATA for a stream already gone: drained and counted (reliability B-4).
+
+        What the peer sent before our RESET reached it is expected, up to the window it
+        still had; anything beyond that is counted against ``MAX_STRAY_DATA_PER_MINUTE``.
+        """
+        self._check_known_id(sid)
+        self.stray_frames += 1
+        allowance = self._in_flight_allowance.get(sid)
+        if allowance is not None and size <= allowance:
+            if fin:
+                del self._in_flight_allowance[sid]
+            else:
+                self._in_flight_allowance[sid] = allowance - size
+            return
+        self._in_flight_allowance.pop(sid, None)
+        self._limit(self._stray_rate, "DATA frames for closed streams")
+
+    def _remember_in_flight(self, sid: int, allowance: int) -> None:
+        if len(self._in_flight_allowance) >= STRAY_MEMORY:
+            del self._in_flight_allowance[next(iter(self._in_flight_allowance))]
+        self._in_flight_allowance[sid] = allowance
+
     def _on_window(self, frame: Frame, events: list[Event]) -> None:
         stream = self._streams.get(frame.stream_id)
         if stream is None:
             self._check_known_id(frame.stream_id)
+            self._limit(self._control_rate, "control frames")
             return
+        earned = (frame.value >= MIN_EARNED_GRANT
+                  and stream.send_window + frame.value <= INITIAL_WINDOW)
+        if not earned:  # credit we never spent, or a dribble of tiny grants (B-5, B-7)
+            self._limit(self._control_rate, "control frames")
         if stream.send_window + frame.value > MAX_WINDOW:
             raise RemoteProtocolError(f"stream {frame.stream_id}: window above {MAX_WINDOW}")
         stream.send_window += frame.value
@@ -384,6 +489,7 @@ class Mux:
         events.append(StreamReset(frame.stream_id, frame.value))
 
     def _on_ping(self, frame: Frame, events: list[Event]) -> None:
+        self._limit(self._control_rate, "control frames")
         if frame.flags & Flag.ACK:
             events.append(PongReceived(frame.value))
             return
@@ -391,9 +497,11 @@ class Mux:
         events.append(PingReceived(frame.value))
 
     def _on_goaway(self, frame: Frame, events: list[Event]) -> None:
+        self._limit(self._control_rate, "control frames")
         events.append(GoAwayReceived(frame.value))
 
     def _on_control(self, frame: Frame, events: list[Event]) -> None:
+        self._limit(self._control_rate, "control frames")
         try:
             message = json.loads(bytes(frame.payload))
         except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge ints, deep nesting

@@ -12,6 +12,7 @@ from typing import Any
 
 from tunnel.common.config_dashboard import AlertSettings, DashboardSettings
 from tunnel.common.secret import Secret
+from tunnel.server.stats import LinkCounters
 
 PASSWORD = "correct-horse-battery-staple"
 
@@ -121,6 +122,7 @@ class FakeRelay:
     config: FakeConfig = field(default_factory=FakeConfig)
     registry: FakeRegistry = field(default_factory=FakeRegistry)
     stats: FakeStats = field(default_factory=FakeStats)
+    counters: LinkCounters = field(default_factory=LinkCounters)
     history: FakeHistory = field(default_factory=FakeHistory)
     leases: FakeLeases = field(default_factory=FakeLeases)
     started: float = 1000.0

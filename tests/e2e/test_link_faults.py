@@ -7,13 +7,12 @@ NAT mapping) and from a raw WebSocket peer speaking the protocol by hand.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.e2e.faultproxy import FaultProxy
@@ -30,6 +29,8 @@ from tests.e2e.harness import (
     wait_tunnel,
     write_config,
 )
+from tests.e2e.rawpeer import first_control as _first_control
+from tests.e2e.rawpeer import login as _login
 from tests.e2e.services import (
     EchoService,
     HalfCloseService,
@@ -39,45 +40,9 @@ from tests.e2e.services import (
     open_visitor,
     read_to_eof,
 )
-from tunnel.common import messages as msg
-from tunnel.common.auth import client_proof, derive_key, new_nonce
-from tunnel.common.frames import (
-    MAX_MESSAGE_SIZE,
-    Frame,
-    FrameType,
-    decode_frames,
-    encode_frame,
-)
-from tunnel.common.secret import Secret
 from tunnel.server.guard import MAX_VISITORS_PER_SOURCE
 
 MIB = 1024 * 1024
-
-
-def _control(message: dict[str, object]) -> bytes:
-    payload = json.dumps(message).encode()
-    return encode_frame(Frame(FrameType.CONTROL, payload=payload))
-
-
-def _first_control(raw: bytes | str) -> dict[str, object]:
-    assert isinstance(raw, bytes)
-    (frame,) = decode_frames(raw)
-    assert frame.type is FrameType.CONTROL
-    result: dict[str, object] = json.loads(bytes(frame.payload))
-    return result
-
-
-async def _login(url: str, token: str) -> tuple[ClientConnection, bytes]:
-    """Open a raw link and log in by hand; returns (websocket, the auth message sent)."""
-    ws = await connect(url, compression=None, ping_interval=None, proxy=None)
-    challenge = _first_control(await ws.recv())
-    nonce = msg.b64decode(str(challenge["nonce"]), "nonce")
-    client_nonce = new_nonce()
-    proof = client_proof(derive_key(Secret(token)), nonce, client_nonce)
-    auth = _control({"type": "auth", "nonce": msg.b64encode(client_nonce),
-                     "proof": msg.b64encode(proof), "client_version": "raw-test"})
-    await ws.send(auth)
-    return ws, auth
 
 
 async def test_stale_link_replaced_at_once(tmp_path: Path) -> None:
@@ -222,33 +187,6 @@ async def test_wrong_token_and_unknown_client_same_answer(tmp_path: Path) -> Non
         finally:
             await ws.close()
     assert answers[0] == answers[1] == {"type": "refused", "reason": "authentication failed"}
-
-
-async def test_ping_flood_from_a_peer_that_never_reads_drops_only_that_link(
-        tmp_path: Path) -> None:
-    """Reliability B-7: replies we owe a flooding peer are capped; the relay stays healthy."""
-    echo = EchoService()
-    await echo.start()
-    bad_port, good_port = free_ports(2)
-    server, url = await start_server(tmp_path, server_config(tmp_path, [bad_port, good_port]))
-    good = await start_client(url, "beta-secret-token-00002", [f"{echo.target}:fixed-{good_port}"])
-    assert await wait_tunnel(good, echo.target) == good_port
-    ws, _ = await _login(url, ALPHA_TOKEN)
-    mark = len(server.stderr_lines)
-    ping = encode_frame(Frame(FrameType.PING, value=7))
-    burst = ping * (MAX_MESSAGE_SIZE // len(ping))
-    try:
-        assert _first_control(await ws.recv())["type"] == "welcome"
-        with pytest.raises(ConnectionClosed):
-            async with asyncio.timeout(20):
-                for _ in range(400):  # bounded: at most ~100 MB of pings, never reading
-                    await ws.send(burst)
-    finally:
-        await ws.close()
-    await server.wait_for_line(r"floods control frames|does not read", timeout=10,
-                               since=mark, stream="stderr")
-    assert server.returncode is None
-    await echo_check(good_port, MIB)
 
 
 async def test_bytes_that_arrive_before_the_local_dial_are_credited_at_once(

@@ -41,6 +41,7 @@ from .leases import LeaseBook, SqliteLeaseStore
 from .listeners import bind_public_port
 from .monitor import Monitor
 from .registry import Registry
+from .stats import LinkCounters
 
 __all__ = ["LEASE_DB_NAME", "RELOAD_POLL_INTERVAL", "SHUTDOWN_DRAIN_TIMEOUT", "Relay",
            "tls_dir"]
@@ -83,6 +84,7 @@ class Relay:
         self._watched = self._file_stamps()
         self.monitor = Monitor(self.registry, Path(config.state_dir))
         self.stats = self.monitor.stats
+        self.counters = LinkCounters()
         self.history = self.monitor.history
         #: Called with (client name, online) on every presence change (alerts, dashboard).
         self.presence_listeners: list[Callable[[str, bool], None]] = []

@@ -112,6 +112,8 @@ class ControlHandler:
                 name = self._identify(auth, nonce, client_nonce)
         except (TimeoutError, RemoteProtocolError, LinkClosed, OSError) as exc:
             log.info("login from %s abandoned: %s", source, _describe(exc))
+            if isinstance(exc, RemoteProtocolError):
+                self.relay.counters.protocol_errors += 1
             self.relay.penalties.failed(source)
             await _close_quietly(link, CLOSE_AUTH_FAILED, "handshake failed")
             return None
@@ -164,6 +166,9 @@ class ControlHandler:
         try:
             await link.run()
         finally:
+            relay.counters.stray_frames += link.mux.stray_frames
+            if link.protocol_error is not None:
+                relay.counters.protocol_errors += 1
             relay.leases.mark_offline(name)
             if relay.registry.detach(name, link, self.clock()):
                 reason = link.close_reason or "link closed"

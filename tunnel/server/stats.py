@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
-__all__ = ["SAMPLE_INTERVAL", "SERIES_POINTS", "RateTracker"]
+__all__ = ["SAMPLE_INTERVAL", "SERIES_POINTS", "LinkCounters", "RateTracker"]
 
 SAMPLE_INTERVAL = 5.0
 SERIES_SECONDS = 3600.0
@@ -65,3 +66,18 @@ class RateTracker:
 
     def keys(self) -> list[Key]:
         return list(self._last)
+
+
+@dataclass
+class LinkCounters:
+    """Relay-wide counts of hostile or broken link input (reliability B-3, B-4).
+
+    Incremented when a link ends (or a login is abandoned), so the data path pays nothing;
+    shown in the JSON status and as Prometheus counters, so an operator sees an attack or a
+    buggy peer without reading the log.
+    """
+
+    #: Links (logged in or not) closed because the peer broke the wire protocol.
+    protocol_errors: int = 0
+    #: Frames that arrived for streams already gone: drained, not errors (up to a rate).
+    stray_frames: int = 0

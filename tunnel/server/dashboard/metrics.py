@@ -58,6 +58,11 @@ class RelayCollector(Collector):
                                 value=sum(1 for c in clients if c.link is not None))
         yield GaugeMetricFamily("tunnel_clients_configured", "configured clients",
                                 value=len(clients))
+        yield CounterMetricFamily("tunnel_relay_protocol_errors", "links closed because the "
+                                  "peer broke the wire protocol",
+                                  value=self._relay.counters.protocol_errors)
+        yield CounterMetricFamily("tunnel_relay_stray_frames", "frames drained for streams "
+                                  "already gone", value=self._relay.counters.stray_frames)
 
     def _client_metrics(self) -> Iterator[Metric]:
         online = GaugeMetricFamily("tunnel_client_online", "1 while the client is connected",

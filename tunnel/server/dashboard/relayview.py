@@ -17,6 +17,7 @@ __all__ = [
     "ClientView",
     "ConfigView",
     "ConnectionView",
+    "CountersView",
     "HistoryView",
     "LeaseBookView",
     "LeaseView",
@@ -153,6 +154,13 @@ class ConfigView(Protocol):
     def alerts(self) -> AlertSettings | None: ...
 
 
+class CountersView(Protocol):
+    @property
+    def protocol_errors(self) -> int: ...
+    @property
+    def stray_frames(self) -> int: ...
+
+
 class RelayView(Protocol):
     @property
     def config(self) -> ConfigView: ...
@@ -160,6 +168,8 @@ class RelayView(Protocol):
     def registry(self) -> RegistryView: ...
     @property
     def stats(self) -> StatsView: ...
+    @property
+    def counters(self) -> CountersView: ...
     @property
     def history(self) -> HistoryView: ...
     @property

@@ -137,4 +137,6 @@ def status(relay: RelayView, now: float) -> Json:
         "connections": sum(len(t.connections) for t in tunnels),
         "rate": _pair(relay.stats.rate(("relay",))),
         "traffic": _bytes(t.traffic for t in tunnels),
+        "protocol_errors": relay.counters.protocol_errors,
+        "stray_frames": relay.counters.stray_frames,
     }

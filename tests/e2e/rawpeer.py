@@ -8,10 +8,13 @@ attack the relay, they do not test pinning.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import ssl
 import struct
 from typing import Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -22,6 +25,8 @@ from tunnel.common.frames import Frame, FrameType, decode_frames, encode_frame
 from tunnel.common.secret import Secret
 
 __all__ = [
+    "RawWs",
+    "WsClosed",
     "control",
     "expect_closed",
     "first_control",
@@ -111,4 +116,116 @@ async def round_trip_ping(ws: ClientConnection, value: int, timeout: float = 5.0
                     return
 
 
-LINGER_RESET = struct.pack("ii", 1, 0)
+# ----------------------------------------------------------------------------- raw WebSocket
+
+#: WebSocket opcodes (RFC 6455 section 5.2).
+OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+_HANDSHAKE_LIMIT = 16 * 1024
+
+
+class WsClosed(Exception):
+    """The relay sent a close frame (``code``) or dropped the connection (``code`` None)."""
+
+    def __init__(self, code: int | None) -> None:
+        super().__init__(f"closed with {code}")
+        self.code = code
+
+
+class RawWs:
+    """A WebSocket client written by hand: any frame header, masked or not, can be sent.
+
+    The websockets library refuses to build invalid frames, and it reads (and answers pings)
+    in the background; a hostile peer needs neither: this one reads only when asked.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str, source: str = "127.0.0.1", timeout: float = 5.0) -> RawWs:
+        parts = urlsplit(url)
+        assert parts.hostname is not None and parts.port is not None
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                parts.hostname, parts.port, ssl=_ssl_for(url), local_addr=(source, 0))
+            key = base64.b64encode(os.urandom(16)).decode()
+            writer.write((f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                          "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                          f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                          ).encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            writer.close()
+            raise WsClosed(None)
+        assert len(head) < _HANDSHAKE_LIMIT
+        return cls(reader, writer)
+
+    @staticmethod
+    def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0,
+              length: int | None = None, masked: bool = True) -> bytes:
+        """One frame; ``length`` may claim any size (up to 2**64 - 1), true or not."""
+        size = len(payload) if length is None else length
+        first = (0x80 if fin else 0) | (rsv & 0x7) << 4 | (opcode & 0xF)
+        mask_bit = 0x80 if masked else 0
+        if size < 126:
+            header = struct.pack("!BB", first, mask_bit | size)
+        elif size < 1 << 16:
+            header = struct.pack("!BBH", first, mask_bit | 126, size)
+        else:
+            header = struct.pack("!BBQ", first, mask_bit | 127, size)
+        if not masked:
+            return header + payload
+        mask = os.urandom(4)
+        return header + mask + _xor(payload, mask)
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def send_binary(self, payload: bytes) -> None:
+        await self.send_raw(self.frame(OP_BINARY, payload))
+
+    async def recv_frame(self) -> tuple[int, bytes]:
+        """The next frame the relay sent (unmasked, as servers send)."""
+        try:
+            first, second = await self.reader.readexactly(2)
+            size = second & 0x7F
+            if size == 126:
+                (size,) = struct.unpack("!H", await self.reader.readexactly(2))
+            elif size == 127:
+                (size,) = struct.unpack("!Q", await self.reader.readexactly(8))
+            return first & 0xF, await self.reader.readexactly(size)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise WsClosed(None) from exc
+
+    async def recv_binary(self) -> bytes:
+        """The next binary message; pings are ignored, a close raises :class:`WsClosed`."""
+        while True:
+            opcode, payload = await self.recv_frame()
+            if opcode == OP_CLOSE:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+                raise WsClosed(code)
+            if opcode == OP_BINARY:
+                return payload
+
+    async def login(self, token: str) -> dict[str, object]:
+        """Answer the challenge; return the relay's reply (welcome or refused)."""
+        challenge = first_control(await self.recv_binary())
+        nonce = msg.b64decode(str(challenge["nonce"]), "nonce")
+        client_nonce = new_nonce()
+        proof = client_proof(derive_key(Secret(token)), nonce, client_nonce)
+        await self.send_binary(control({"type": "auth", "nonce": msg.b64encode(client_nonce),
+                                        "proof": msg.b64encode(proof),
+                                        "client_version": "raw-test"}))
+        return first_control(await self.recv_binary())
+
+    async def close(self) -> None:
+        self.writer.transport.abort()
+
+
+def _xor(data: bytes, mask: bytes) -> bytes:
+    if not data:
+        return b""
+    repeated = (mask * (len(data) // 4 + 1))[:len(data)]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
+        len(data), "big")

@@ -491,16 +491,38 @@ class Link:
             self.kick()
 
     async def watchdog(self) -> None:
-        """Drop the link when the peer stops reading (also run during the login)."""
+        """Drop the link when the peer stops reading (also run during the login).
+
+        Replies the WebSocket library writes on its own (pongs) bypass our writer's
+        backpressure. A timer alone is too slow for them: one event-loop turn may read
+        megabytes of pings (uvloop reads up to 32 times per socket per turn), so the buffer is
+        also checked each time the library has written, in the read path (reliability B-7).
+        """
+        ws = self.ws
+        original = ws.send_data
+
+        def send_data() -> None:
+            original()
+            self._check_write_buffer()
+
+        setattr(ws, "send_data", send_data)  # noqa: B010 - hook this one connection
+        try:
+            while not self._check_write_buffer():
+                await asyncio.sleep(WATCHDOG_INTERVAL)
+        finally:
+            setattr(ws, "send_data", original)  # noqa: B010
+
+    def _check_write_buffer(self) -> bool:
+        """Abort the link if the peer let our send buffer pass the limit; True if so."""
         transport = self.ws.transport
-        while True:
-            await asyncio.sleep(WATCHDOG_INTERVAL)
-            buffered = transport.get_write_buffer_size()
-            if buffered > LINK_WRITE_BUFFER_LIMIT:
-                self.log.warning("link of %s: peer does not read (%d bytes queued): "
-                                 "dropping it", self.name, buffered)
-                self.abort("peer does not read")
-                return
+        buffered = transport.get_write_buffer_size()
+        if buffered <= LINK_WRITE_BUFFER_LIMIT:
+            return False
+        if not transport.is_closing():
+            self.log.warning("link of %s: peer does not read (%d bytes queued): dropping it",
+                             self.name, buffered)
+            self.abort("peer does not read")
+        return True
 
     async def _flush_quietly(self) -> None:
         with contextlib.suppress(Exception):

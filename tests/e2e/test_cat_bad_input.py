@@ -38,7 +38,8 @@ from tests.e2e.harness import (
     start_server,
     wait_tunnel,
 )
-from tests.e2e.procstats import rss_kib
+from tests.e2e.livefuzz import LiveFuzzer
+from tests.e2e.procstats import fd_count, rss_kib
 from tests.e2e.rawpeer import (
     OP_BINARY,
     OP_PING,
@@ -702,3 +703,30 @@ async def test_I5_zero_length_data_frames_create_no_events_and_are_rate_limited(
     assert await visitor_outcome(reader) in ("reset", "eof")  # and not one byte
     await close_writer(writer)
     await good_client_unharmed(relay)
+
+
+# ----------------------------------------------------------------------------- live fuzzer
+
+
+async def test_B1_live_fuzzer_against_a_running_relay(
+        tmp_path: Path, variant: Variant, size: Size) -> None:
+    """Random and mutated WebSocket and mux frames at a running relay (about 5 s, 60 s in
+    the full size), before and after logging in: the relay never crashes, prints no
+    traceback (the e2e fixture), keeps serving a good client on the same link, and its file
+    descriptors return to the baseline within 2."""
+    relay = await start_relay(tmp_path)
+    baseline = fd_count(relay.proc.pid)
+    seed = int.from_bytes(os.urandom(4), "big")
+    print(f"live fuzzer seed {seed}")
+    stats = await LiveFuzzer(relay.url, ALPHA_TOKEN, seed).run(size.pick(5.0, 60.0))
+    print(f"live fuzzer: {stats}")
+    assert stats.connections > 0 and stats.logged_in > 0 and stats.frames > 0
+    await good_client_unharmed(relay)
+    fds = fd_count(relay.proc.pid)
+    for _ in range(100):  # closes finish asynchronously: poll, bounded
+        if abs(fds - baseline) <= 2:
+            break
+        await asyncio.sleep(0.1)
+        fds = fd_count(relay.proc.pid)
+    print(f"live fuzzer: relay fds {baseline} before, {fds} after")
+    assert abs(fds - baseline) <= 2

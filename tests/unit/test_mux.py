@@ -1205,3 +1205,13 @@ def test_B5_bad_window_updates_are_protocol_errors(wire: bytes) -> None:
     client.receive(raw_open(1))
     with pytest.raises(RemoteProtocolError):
         client.receive(wire)
+
+
+def test_B7_a_flood_in_one_message_is_cut_off_at_the_limit() -> None:
+    """Frames are decoded lazily: the rest of a 512 KiB message of pings is never touched,
+    and only the pongs owed before the limit are queued."""
+    relay, _ = clocked(Role.RELAY)
+    ping = encode_frame(Frame(FrameType.PING, value=1))
+    with pytest.raises(RemoteProtocolError, match="control frames"):
+        relay.receive(ping * (MAX_MESSAGE_SIZE // len(ping)))
+    assert relay.urgent_bytes() == MAX_CONTROL_FRAMES_PER_SECOND * len(ping)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import FrameError
@@ -36,6 +37,7 @@ __all__ = [
     "decode_frames",
     "encode_data",
     "encode_frame",
+    "iter_frames",
 ]
 
 PROTOCOL_VERSION = 1
@@ -134,11 +136,19 @@ def encode_data(stream_id: int, data: bytes | bytearray | memoryview, fin: bool 
 
 def decode_frames(message: bytes | bytearray | memoryview) -> list[Frame]:
     """Split one link message into frames; raise FrameError on any malformed byte."""
+    return list(iter_frames(message))
+
+
+def iter_frames(message: bytes | bytearray | memoryview) -> Iterator[Frame]:
+    """Decode one link message frame by frame, raising FrameError at the first bad byte.
+
+    Lazy, so a receiver that rejects a frame (a flood limit, a protocol error) stops there:
+    a 512 KiB message of 43,000 pings costs 101 frame objects, not 43,000 (reliability B-7).
+    """
     view = memoryview(message)
     total = len(view)
     if total == 0:
         raise FrameError("empty message")
-    frames: list[Frame] = []
     offset = 0
     while offset < total:
         if total - offset < HEADER_SIZE:
@@ -160,5 +170,4 @@ def decode_frames(message: bytes | bytearray | memoryview) -> list[Frame]:
         else:
             frame = Frame(ftype, stream_id, Flag(flags), b"", length)
         frame.check()
-        frames.append(frame)
-    return frames
+        yield frame

@@ -41,9 +41,9 @@ from .frames import (
     Flag,
     Frame,
     FrameType,
-    decode_frames,
     encode_data,
     encode_frame,
+    iter_frames,
 )
 
 __all__ = [
@@ -387,10 +387,14 @@ class Mux:
     # ------------------------------------------------------------------ input
 
     def receive(self, message: bytes | bytearray | memoryview) -> list[Event]:
-        """Process one link message; raise RemoteProtocolError if the peer broke the rules."""
+        """Process one link message; raise RemoteProtocolError if the peer broke the rules.
+
+        Frames are handled as they are decoded, so after an error the frames before it may
+        have changed state: that is fine, as a protocol error ends the link.
+        """
         events: list[Event] = []
         self._now = self.clock()
-        for frame in decode_frames(message):
+        for frame in iter_frames(message):
             _HANDLERS[frame.type](self, frame, events)
         return events
 

@@ -9,6 +9,7 @@ only the offending link is closed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import struct
@@ -23,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import run_state_machine_as_test
 from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from tests.dashboard.client import basic, request
@@ -55,6 +57,7 @@ from tests.e2e.rawpeer import (
 from tests.e2e.services import EchoService, close_writer, echo_check, open_visitor
 from tests.unit.test_frames import hostile_messages, valid_frames
 from tests.unit.test_mux import MuxPairMachine, raw_open
+from tunnel.common import messages as msg
 from tunnel.common.errors import FrameError, RemoteProtocolError
 from tunnel.common.frames import (
     HEADER,
@@ -442,6 +445,48 @@ async def test_B4_stream_id_misuse_is_a_protocol_error(
     await close_writer(writer)
     assert await relay.wait_counter("protocol_errors", lambda n: n == 1) == 1
     await good_client_unharmed(relay)
+
+
+@pytest.mark.plain_only
+@pytest.mark.parametrize("case", ["reused", "decreasing", "even"])
+async def test_B4_relay_side_id_misuse_closes_the_real_clients_link(
+        tmp_path: Path, variant: Variant, case: str) -> None:
+    """The rules only the opener (the relay) can break, against the real client: a hand-made
+    relay logs it in, confirms its claim, then sends OPEN for a live id again, an id lower
+    than the last, or an even id. The client closes the link with 1002 and a logged
+    protocol error, and comes back. Plain only: the fake relay speaks ws://, and the rule
+    lives above TLS; both event loops are covered."""
+    echo = EchoService()
+    await echo.start()
+    opens = {"reused": [raw_open(3), raw_open(3)], "decreasing": [raw_open(3), raw_open(1)],
+             "even": [raw_open(2)]}[case]
+    closes: asyncio.Queue[int | None] = asyncio.Queue()
+
+    async def fake_relay(ws: ServerConnection) -> None:
+        await ws.send(control({"type": "challenge", "version": 1,
+                               "nonce": msg.b64encode(os.urandom(32)),
+                               "server_version": "fake"}))
+        assert first_control(await ws.recv())["type"] == "auth"
+        await ws.send(control({"type": "welcome", "client": "alpha", "heartbeat_interval": 1,
+                               "heartbeat_timeout": 30, "max_streams": 256}))
+        expose, _ = await read_frames_until(ws, FrameType.CONTROL, 0, timeout=5)
+        claim = json.loads(bytes(expose.payload))
+        await ws.send(control({"type": "exposed", "id": claim["id"], "port": 1,
+                               "mode": "fixed"}))
+        for frame in opens:
+            await ws.send(frame)
+        await closes.put(await expect_closed(ws, timeout=5))
+
+    async with serve(fake_relay, "127.0.0.1", 0, compression=None, ping_interval=None,
+                     max_size=MAX_MESSAGE_SIZE) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        client = await start_client(f"ws://127.0.0.1:{port}/tunnel", ALPHA_TOKEN,
+                                    [f"{echo.target}:fixed-6000"])
+        code = await asyncio.wait_for(closes.get(), 20)
+        assert code == CLOSE_PROTOCOL_ERROR
+        await client.wait_for_line(r"protocol error: stream id \d+ reused, not increasing or "
+                                   r"wrong parity", timeout=5, stream="stderr")
+        assert await asyncio.wait_for(closes.get(), 20) == CLOSE_PROTOCOL_ERROR  # came back
 
 
 # ----------------------------------------------------------------------------- B-5

@@ -135,7 +135,7 @@ class LiveFuzzer:
         """1-4 plausible frames, then a few bytes changed, cut or appended."""
         rng = self.rng
         message = bytearray(b"".join(self._mux_frame() for _ in range(rng.randint(1, 4))))
-        for _ in range(rng.choice([0, 0, 1, 2, 3])):
+        for _ in range(rng.choice([0, 0, 0, 1, 2, 3])):
             if message:
                 message[rng.randrange(len(message))] = rng.randrange(256)
         if rng.random() < 0.2:
@@ -147,14 +147,21 @@ class LiveFuzzer:
     def _mux_frame(self) -> bytes:
         rng = self.rng
         ftype: int = rng.choice([*FrameType, 7, 255])
-        sid = rng.choice([0, 1, 2, 3, 5, 0xFFFFFFFF])
-        flags = rng.choice([0, 0, 1, 2, 4, 0xFFFF])
-        version = PROTOCOL_VERSION if rng.random() < 0.9 else rng.randrange(256)
+        if rng.random() < 0.6:  # a well-formed header, to get past the codec into the mux
+            session = ftype in (FrameType.PING, FrameType.GOAWAY, FrameType.CONTROL)
+            sid = 0 if session else rng.choice([1, 3, 5])
+            flags = {FrameType.DATA: rng.choice([0, 1]),
+                     FrameType.PING: rng.choice([0, 2])}.get(ftype, 0)
+            version = PROTOCOL_VERSION
+        else:
+            sid = rng.choice([0, 1, 2, 3, 5, 0xFFFFFFFF])
+            flags = rng.choice([0, 0, 1, 2, 4, 0xFFFF])
+            version = PROTOCOL_VERSION if rng.random() < 0.9 else rng.randrange(256)
         if ftype in (FrameType.DATA, FrameType.OPEN, FrameType.CONTROL):
             payload = self._payload(ftype)
             length = len(payload) if rng.random() < 0.9 else rng.randrange(2**32)
             return HEADER.pack(version, ftype, flags, sid, length) + payload
-        value = rng.choice([0, 1, 2**31 - 1, 2**32 - 1, rng.randrange(2**32)])
+        value = rng.choice([0, 1, 1, 2**17, 2**31 - 1, 2**32 - 1, rng.randrange(2**32)])
         return HEADER.pack(version, ftype, flags, sid, value)
 
     def _payload(self, ftype: int) -> bytes:

@@ -774,4 +774,7 @@ async def test_B1_live_fuzzer_against_a_running_relay(
         await asyncio.sleep(0.1)
         fds = fd_count(relay.proc.pid)
     print(f"live fuzzer: relay fds {baseline} before, {fds} after")
+    errors = [line for line in relay.proc.stderr_lines
+              if " ERROR " in line or " CRITICAL " in line]
+    assert not errors, errors[:5]
     assert abs(fds - baseline) <= 2

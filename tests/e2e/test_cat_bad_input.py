@@ -9,6 +9,7 @@ only the offending link is closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -171,22 +172,34 @@ async def raw_session(relay: Relay) -> ClientConnection:
     return ws
 
 
-async def raw_stream(relay: Relay, rcvbuf: int | None = None) -> tuple[
-        ClientConnection, int, asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw alpha peer that claimed ``relay.raw_port``, and one visitor on it: the OPEN of
-    that visitor's stream has arrived. Returns (link, stream id, visitor reader, writer)."""
+async def raw_expose(relay: Relay) -> ClientConnection:
+    """A raw alpha peer that claimed ``relay.raw_port`` (the relay confirmed it)."""
     ws = await raw_session(relay)
     await ws.send(control({"type": "expose", "id": 0, "target": "127.0.0.1:9",
                            "mode": "fixed", "port": relay.raw_port}))
     reply, _ = await read_frames_until(ws, FrameType.CONTROL, 0, timeout=5)
     assert b'"exposed"' in bytes(reply.payload), reply
+    return ws
+
+
+async def raw_visitor_socket(relay: Relay, rcvbuf: int) -> socket.socket:
+    """A non-blocking visitor socket with a small receive buffer, connected to the port."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", relay.raw_port))
+    return sock
+
+
+async def raw_stream(relay: Relay, rcvbuf: int | None = None) -> tuple[
+        ClientConnection, int, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw alpha peer that claimed ``relay.raw_port``, and one visitor on it: the OPEN of
+    that visitor's stream has arrived. Returns (link, stream id, visitor reader, writer)."""
+    ws = await raw_expose(relay)
     if rcvbuf is None:
         reader, writer = await open_visitor(relay.raw_port)
     else:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", relay.raw_port))
+        sock = await raw_visitor_socket(relay, rcvbuf)
         reader, writer = await asyncio.open_connection(sock=sock)
     opened, _ = await read_frames_until(ws, FrameType.OPEN, _next_odd(), timeout=5)
     return ws, opened.stream_id, reader, writer
@@ -238,6 +251,7 @@ def frame_header(version: int = PROTOCOL_VERSION, ftype: int = FrameType.PING, f
 # ----------------------------------------------------------------------------- B-1
 
 
+@pytest.mark.timeout(1800)
 def test_B1_codec_round_trips_and_rejects_garbage_only_with_frame_error(size: Size) -> None:
     """Encode then decode round-trips; arbitrary and mutated bytes either decode to frames
     that re-encode to the same bytes or raise FrameError, nothing else (10^5 examples in
@@ -265,6 +279,7 @@ def test_B1_codec_round_trips_and_rejects_garbage_only_with_frame_error(size: Si
     garbage()
 
 
+@pytest.mark.timeout(1800)
 def test_B1_two_mux_state_machine_keeps_windows_and_bytes(size: Size) -> None:
     """Open, data, window, FIN and RST at random between a relay and a client mux: windows
     stay in 0..W, delivered bytes equal sent bytes in order, no exception escapes (every
@@ -274,6 +289,7 @@ def test_B1_two_mux_state_machine_keeps_windows_and_bytes(size: Size) -> None:
         database=None, suppress_health_check=list(HealthCheck)))
 
 
+@pytest.mark.timeout(1800)
 def test_B1_mux_fed_hostile_messages_raises_only_protocol_errors(size: Size) -> None:
     """Either side's mux, with live streams, fed mutated and random messages: events or a
     RemoteProtocolError (the documented error, which closes the link), never another
@@ -558,6 +574,7 @@ async def test_B5_bad_window_updates_are_protocol_errors(
     await good_client_unharmed(relay)
 
 
+@pytest.mark.timeout(300)
 async def test_B5_one_byte_window_updates_get_one_small_frame_each(
         tmp_path: Path, variant: Variant, size: Size) -> None:
     """A peer that took a whole window, then grants 1 byte at a time (50 per second, under
@@ -613,6 +630,45 @@ async def test_B5_one_byte_window_updates_get_one_small_frame_each(
     code, _ = await send_and_time_close(ws, flood)
     assert code == CLOSE_PROTOCOL_ERROR
     await close_writer(writer)
+    await good_client_unharmed(relay)
+
+
+@pytest.mark.timeout(300)
+async def test_B5_a_visitor_reading_one_byte_at_a_time_gets_no_tiny_window_updates(
+        tmp_path: Path, variant: Variant, size: Size) -> None:
+    """The other side of the dribble: the relay writes to a visitor that reads 1 byte per
+    recv(). Credit goes back to the peer only in batches of half a window, so the peer is
+    never asked to send tiny frames; the relay spends under 10 % of a core meanwhile."""
+    relay = await start_relay(tmp_path)
+    ws = await raw_expose(relay)
+    sock = await raw_visitor_socket(relay, 4096)
+    sid = (await read_frames_until(ws, FrameType.OPEN, _next_odd(), timeout=5))[0].stream_id
+    loop = asyncio.get_running_loop()
+    for _ in range(INITIAL_WINDOW // MAX_DATA_PAYLOAD):
+        await ws.send(encode_data(sid, bytes(MAX_DATA_PAYLOAD)))
+    seconds = size.pick(2.0, 10.0)
+    cpu_before, started = cpu_seconds(relay.proc.pid), time.monotonic()
+    got = 0
+    while time.monotonic() - started < seconds:
+        chunk = await loop.sock_recv(sock, 1)
+        assert chunk
+        got += 1
+    wall = time.monotonic() - started
+    cpu = cpu_seconds(relay.proc.pid) - cpu_before
+    updates = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(0.5):
+            while True:
+                raw = await ws.recv()
+                assert isinstance(raw, bytes)
+                updates += [f.value for f in decode_frames(raw)
+                            if f.type is FrameType.WINDOW_UPDATE and f.stream_id == sid]
+    print(f"B-5 1-byte reader: {got} bytes read in {wall:.1f} s; window updates "
+          f"{updates}; relay CPU {100 * cpu / wall:.1f} % of a core")
+    assert all(value >= INITIAL_WINDOW // 2 for value in updates)
+    assert cpu / wall < 0.10
+    await ws.close()
+    sock.close()
     await good_client_unharmed(relay)
 
 
@@ -689,6 +745,7 @@ async def test_B7_control_frame_floods_close_the_link(
     await good_client_unharmed(relay)
 
 
+@pytest.mark.timeout(600)
 async def test_B7_bulk_transfer_on_64_streams_stays_under_the_control_limit(
         tmp_path: Path, variant: Variant, size: Size) -> None:
     """Our own traffic never trips the limit: 64 streams of bulk echo at full speed make
@@ -713,6 +770,7 @@ async def test_B7_bulk_transfer_on_64_streams_stays_under_the_control_limit(
 # ----------------------------------------------------------------------------- I-5
 
 
+@pytest.mark.timeout(300)
 async def test_I5_zero_length_data_frames_create_no_events_and_are_rate_limited(
         tmp_path: Path, variant: Variant, size: Size) -> None:
     """Empty DATA frames (no bytes, no FIN) reach nothing: the visitor gets no bytes and
@@ -753,6 +811,7 @@ async def test_I5_zero_length_data_frames_create_no_events_and_are_rate_limited(
 # ----------------------------------------------------------------------------- live fuzzer
 
 
+@pytest.mark.timeout(300)
 async def test_B1_live_fuzzer_against_a_running_relay(
         tmp_path: Path, variant: Variant, size: Size) -> None:
     """Random and mutated WebSocket and mux frames at a running relay (about 5 s, 60 s in

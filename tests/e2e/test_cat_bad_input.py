@@ -256,7 +256,7 @@ def test_B1_codec_round_trips_and_rejects_garbage_only_with_frame_error(size: Si
     """Encode then decode round-trips; arbitrary and mutated bytes either decode to frames
     that re-encode to the same bytes or raise FrameError, nothing else (10^5 examples in
     the full size). Atheris at night is outside this suite."""
-    examples = size.pick(2_000, 100_000)
+    examples = size.pick(1_000, 100_000)
 
     @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
@@ -285,7 +285,7 @@ def test_B1_two_mux_state_machine_keeps_windows_and_bytes(size: Size) -> None:
     stay in 0..W, delivered bytes equal sent bytes in order, no exception escapes (every
     rule and invariant of tests/unit/test_mux.py::MuxPairMachine)."""
     run_state_machine_as_test(MuxPairMachine, settings=settings(
-        max_examples=size.pick(300, 10_000), stateful_step_count=40, deadline=None,
+        max_examples=size.pick(150, 10_000), stateful_step_count=40, deadline=None,
         database=None, suppress_health_check=list(HealthCheck)))
 
 
@@ -295,7 +295,7 @@ def test_B1_mux_fed_hostile_messages_raises_only_protocol_errors(size: Size) -> 
     RemoteProtocolError (the documented error, which closes the link), never another
     exception; windows stay within 0..2^31-1."""
 
-    @settings(max_examples=size.pick(2_000, 100_000), deadline=None, database=None,
+    @settings(max_examples=size.pick(1_000, 100_000), deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(st.sampled_from(Role), st.lists(st.one_of(hostile_messages(),
                                                      st.binary(min_size=12, max_size=64)),
@@ -757,7 +757,7 @@ async def test_B7_bulk_transfer_on_64_streams_stays_under_the_control_limit(
     proc, url = await start_server(tmp_path, server_config(tmp_path, [port]))
     client = await start_client(url, ALPHA_TOKEN, [f"{echo.target}:fixed-{port}"])
     assert await wait_tunnel(client, echo.target) == port
-    each = size.pick(2 * MIB, 16 * MIB)
+    each = size.pick(MIB, 16 * MIB)
     started = time.monotonic()
     await asyncio.gather(*(echo_check(port, each, seed=i, timeout=90) for i in range(64)))
     elapsed = time.monotonic() - started

@@ -1215,3 +1215,14 @@ def test_B7_a_flood_in_one_message_is_cut_off_at_the_limit() -> None:
     with pytest.raises(RemoteProtocolError, match="control frames"):
         relay.receive(ping * (MAX_MESSAGE_SIZE // len(ping)))
     assert relay.urgent_bytes() == MAX_CONTROL_FRAMES_PER_SECOND * len(ping)
+
+
+def test_B4_data_after_an_open_refused_for_max_streams_is_drained_unpenalised() -> None:
+    """The relay may send a window of data right behind an OPEN the client must refuse."""
+    client = Mux(Role.CLIENT, max_streams=1)
+    client.receive(raw_open(1))
+    client.receive(raw_open(3))  # refused: one stream at most
+    assert frames_of(client.next_message()) == [
+        (FrameType.RESET, 3, Flag.NONE, b"", ResetCode.REFUSED)]
+    for _ in range(MAX_STRAY_DATA_PER_MINUTE + 50):
+        assert client.receive(encode_data(3, b"v" * 64)) == []

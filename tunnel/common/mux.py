@@ -206,7 +206,6 @@ class RateLimit:
         return True
 
 
-
 @dataclass(slots=True)
 class _Stream:
     send_window: int = INITIAL_WINDOW
@@ -481,6 +480,8 @@ class Mux:
         (tunnel_id,) = HEADER_OPEN.unpack_from(frame.payload)
         peer = bytes(frame.payload[HEADER_OPEN.size:]).decode("utf-8", "replace")
         if len(self._streams) >= self.max_streams:
+            # The opener may already have sent data after the OPEN: drain it unpenalised.
+            self._remember_in_flight(sid, INITIAL_WINDOW)
             self._queue_urgent(encode_frame(Frame(FrameType.RESET, sid, value=ResetCode.REFUSED)))
             return
         self._streams[sid] = _Stream()

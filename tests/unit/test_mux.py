@@ -21,6 +21,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from tunnel.client.settings import MAX_EXPOSES
 from tunnel.common.errors import LocalProtocolError, RemoteProtocolError
 from tunnel.common.frames import (
     HEADER,
@@ -38,6 +39,7 @@ from tunnel.common.frames import (
 from tunnel.common.mux import (
     DEFAULT_MAX_STREAMS,
     INITIAL_WINDOW,
+    MAX_CONTROL_BURST,
     MAX_CONTROL_FRAMES_PER_SECOND,
     MAX_EMPTY_DATA_PER_SECOND,
     MAX_STRAY_DATA_PER_MINUTE,
@@ -1031,12 +1033,25 @@ def test_rate_limit_is_a_token_bucket() -> None:
     assert rate.allow(0.34)  # a third of a second refills one token
     assert not rate.allow(0.34)
     assert [rate.allow(10.0) for _ in range(4)] == [True, True, True, False]  # burst capped
+    bursty = RateLimit(3, 1.0, burst=6)
+    assert [bursty.allow(0.0) for _ in range(7)] == [True] * 6 + [False]
+    assert [bursty.allow(1.0) for _ in range(4)] == [True] * 3 + [False]  # refills at the rate
+
+
+def test_B7_control_burst_holds_a_login_of_max_exposes_plus_a_second_of_traffic() -> None:
+    assert MAX_CONTROL_BURST >= MAX_EXPOSES + MAX_CONTROL_FRAMES_PER_SECOND
+
+
+def test_B7_a_login_with_max_exposes_is_not_a_flood() -> None:
+    relay, _ = clocked(Role.RELAY)
+    claim = encode_frame(Frame(FrameType.CONTROL, payload=b'{"type":"expose"}'))
+    assert len(relay.receive(claim * MAX_EXPOSES)) == MAX_EXPOSES
 
 
 def test_B7_ping_flood_over_the_limit_is_a_protocol_error() -> None:
     relay, _ = clocked(Role.RELAY)
     ping = encode_frame(Frame(FrameType.PING, value=1))
-    assert len(relay.receive(ping * MAX_CONTROL_FRAMES_PER_SECOND)) == MAX_CONTROL_FRAMES_PER_SECOND
+    assert len(relay.receive(ping * MAX_CONTROL_BURST)) == MAX_CONTROL_BURST
     with pytest.raises(RemoteProtocolError, match="more than 100 control frames per second"):
         relay.receive(ping)
 
@@ -1057,7 +1072,18 @@ def test_B7_each_control_frame_kind_counts(frame: bytes) -> None:
         for _ in range(MAX_CONTROL_FRAMES_PER_SECOND):
             client.receive(frame)
     with pytest.raises(RemoteProtocolError, match="control frames"):
-        client.receive(frame)
+        for _ in range(MAX_CONTROL_BURST + 1):
+            client.receive(frame)
+
+
+def test_B7_a_sustained_rate_over_the_limit_is_cut_off_after_the_burst() -> None:
+    relay, clock = clocked(Role.RELAY)
+    ping = encode_frame(Frame(FrameType.PING, value=1))
+    with pytest.raises(RemoteProtocolError, match="control frames"):
+        for _ in range(100):  # 200 per second: the burst is spent after about 5 s
+            clock.now += 1.0
+            relay.receive(ping * 2 * MAX_CONTROL_FRAMES_PER_SECOND)
+    assert 4.0 <= clock.now - 1000.0 <= 6.0
 
 
 def test_B7_earned_window_updates_do_not_count(pair: MuxPair) -> None:
@@ -1080,7 +1106,7 @@ def test_B7_unearned_large_window_updates_count() -> None:
     client.receive(raw_open(1))
     update = encode_frame(Frame(FrameType.WINDOW_UPDATE, 1, value=MIN_EARNED_GRANT))
     with pytest.raises(RemoteProtocolError, match="control frames"):
-        for _ in range(MAX_CONTROL_FRAMES_PER_SECOND + 1):
+        for _ in range(MAX_CONTROL_BURST + 1):
             client.receive(update)
 
 
@@ -1103,7 +1129,7 @@ def test_B5_one_byte_window_updates_are_a_rate_limited_dribble(pair: MuxPair) ->
     assert frames_sent == 50
     with pytest.raises(RemoteProtocolError, match="control frames"):
         pair.relay.receive(encode_frame(Frame(FrameType.WINDOW_UPDATE, sid, value=1))
-                           * (MAX_CONTROL_FRAMES_PER_SECOND + 1))
+                           * (MAX_CONTROL_BURST + 1))
 
 
 def test_I5_empty_data_frames_beyond_the_limit_are_a_protocol_error() -> None:
@@ -1214,7 +1240,7 @@ def test_B7_a_flood_in_one_message_is_cut_off_at_the_limit() -> None:
     ping = encode_frame(Frame(FrameType.PING, value=1))
     with pytest.raises(RemoteProtocolError, match="control frames"):
         relay.receive(ping * (MAX_MESSAGE_SIZE // len(ping)))
-    assert relay.urgent_bytes() == MAX_CONTROL_FRAMES_PER_SECOND * len(ping)
+    assert relay.urgent_bytes() == MAX_CONTROL_BURST * len(ping)
 
 
 def test_B4_data_after_an_open_refused_for_max_streams_is_drained_unpenalised() -> None:

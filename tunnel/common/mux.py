@@ -49,6 +49,7 @@ from .frames import (
 __all__ = [
     "DEFAULT_MAX_STREAMS",
     "INITIAL_WINDOW",
+    "MAX_CONTROL_BURST",
     "MAX_CONTROL_FRAMES_PER_SECOND",
     "MAX_EMPTY_DATA_PER_SECOND",
     "MAX_STRAY_DATA_PER_MINUTE",
@@ -78,6 +79,10 @@ DEFAULT_MAX_STREAMS = 256
 #: updates that return no spent credit). Our own peer sends about 2 per heartbeat interval
 #: plus a telemetry message every 5 s; the credit it returns for bulk data does not count.
 MAX_CONTROL_FRAMES_PER_SECOND = 100
+#: ...of which this many may come at once: a login legitimately brings up to 256 expose
+#: claims (tunnel.client.settings.MAX_EXPOSES) in one burst, and as many replies back. A
+#: sustained rate above the limit is still cut off, after burst / (rate - limit) seconds.
+MAX_CONTROL_BURST = 512
 #: Empty DATA frames (no bytes, no FIN) a peer may send per second; ours sends none.
 MAX_EMPTY_DATA_PER_SECOND = 1000
 #: DATA frames per minute for a stream already gone, beyond the bytes the peer could still
@@ -185,20 +190,23 @@ def _frozen_clock() -> float:
 
 @dataclass(slots=True)
 class RateLimit:
-    """A token bucket: ``limit`` events per ``period`` seconds, bursts up to ``limit``."""
+    """A token bucket: ``limit`` events per ``period`` seconds, bursts up to ``burst``
+    (``limit`` when not given)."""
 
     limit: int
     period: float
+    burst: int = 0
     _tokens: float = -1.0
     _stamp: float = 0.0
 
     def allow(self, now: float) -> bool:
         """Take one token at time ``now``; False once the peer has gone over the rate."""
+        capacity = float(self.burst or self.limit)
         if self._tokens < 0:
-            self._tokens, self._stamp = float(self.limit), now
+            self._tokens, self._stamp = capacity, now
         elif now > self._stamp:
             refill = (now - self._stamp) * self.limit / self.period
-            self._tokens = min(float(self.limit), self._tokens + refill)
+            self._tokens = min(capacity, self._tokens + refill)
             self._stamp = now
         if self._tokens < 1.0:
             return False
@@ -235,7 +243,8 @@ class Mux:
     clock: Callable[[], float] = _frozen_clock
     _now: float = 0.0
     _control_rate: RateLimit = field(
-        default_factory=lambda: RateLimit(MAX_CONTROL_FRAMES_PER_SECOND, 1.0))
+        default_factory=lambda: RateLimit(MAX_CONTROL_FRAMES_PER_SECOND, 1.0,
+                                          MAX_CONTROL_BURST))
     _empty_rate: RateLimit = field(
         default_factory=lambda: RateLimit(MAX_EMPTY_DATA_PER_SECOND, 1.0))
     _stray_rate: RateLimit = field(

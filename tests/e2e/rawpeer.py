@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import ssl
 import struct
 from typing import Any
@@ -145,18 +146,29 @@ class RawWs:
     async def open(cls, url: str, source: str = "127.0.0.1", timeout: float = 5.0) -> RawWs:
         parts = urlsplit(url)
         assert parts.hostname is not None and parts.port is not None
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                parts.hostname, parts.port, ssl=_ssl_for(url), local_addr=(source, 0))
-            key = base64.b64encode(os.urandom(16)).decode()
-            writer.write((f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                          "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                          f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                          ).encode())
-            head = await reader.readuntil(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 101"):
-            writer.close()
-            raise WsClosed(None)
+        sock = socket.socket()
+        writer: asyncio.StreamWriter | None = None
+        try:  # our own socket, so a cancelled connect or handshake leaks nothing
+            sock.setblocking(False)
+            sock.bind((source, 0))
+            async with asyncio.timeout(timeout):
+                await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
+                context = _ssl_for(url)
+                reader, writer = await asyncio.open_connection(
+                    sock=sock, ssl=context, server_hostname=parts.hostname if context else None)
+                key = base64.b64encode(os.urandom(16)).decode()
+                writer.write((f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                              "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                              f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                              "\r\n").encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise WsClosed(None)
+        except BaseException:
+            if writer is not None:
+                writer.transport.abort()
+            sock.close()
+            raise
         assert len(head) < _HANDSHAKE_LIMIT
         return cls(reader, writer)
 

@@ -71,3 +71,20 @@ async def test_B7_watchdog_cancelled_restores_the_connection() -> None:
     ws.transport.buffered = LINK_WRITE_BUFFER_LIMIT + 1
     ws.send_data()
     assert ws.transport.aborted == 0
+
+
+async def test_B7_overlapping_watchdogs_leave_the_connection_clean() -> None:
+    """The login's watchdog is cancelled as the session's starts: whichever ends last, the
+    connection is left with its own send_data and no stale hook."""
+    link, ws = make_link()
+    login = asyncio.create_task(link.watchdog())
+    await asyncio.sleep(0)
+    login.cancel()
+    session = asyncio.create_task(link.watchdog())
+    await asyncio.gather(login, return_exceptions=True)
+    await asyncio.sleep(0)
+    ws.transport.buffered = LINK_WRITE_BUFFER_LIMIT + 1
+    ws.send_data()  # the session's hook is still in place
+    assert ws.transport.aborted == 1
+    await asyncio.wait_for(session, 2)
+    assert "send_data" not in vars(ws)

@@ -499,10 +499,10 @@ class Link:
         also checked each time the library has written, in the read path (reliability B-7).
         """
         ws = self.ws
-        original = ws.send_data
+        original = type(ws).send_data
 
         def send_data() -> None:
-            original()
+            original(ws)
             self._check_write_buffer()
 
         setattr(ws, "send_data", send_data)  # noqa: B010 - hook this one connection
@@ -510,7 +510,9 @@ class Link:
             while not self._check_write_buffer():
                 await asyncio.sleep(WATCHDOG_INTERVAL)
         finally:
-            setattr(ws, "send_data", original)  # noqa: B010
+            # Only our own hook: the login's watchdog may end after the session's started.
+            if vars(ws).get("send_data") is send_data:
+                delattr(ws, "send_data")
 
     def _check_write_buffer(self) -> bool:
         """Abort the link if the peer let our send buffer pass the limit; True if so."""

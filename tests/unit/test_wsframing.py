@@ -233,6 +233,59 @@ async def test_random_chunking_of_many_frames() -> None:
         assert bytes(await recv_now(framing)) == payload
 
 
+def feed_buffered(framing: WsFraming, stream: bytes, steps: tuple[int, ...],
+                  seed: int = 1) -> None:
+    """Feed ``stream`` the way a transport drives a BufferedProtocol, in random read sizes."""
+    rng = __import__("random").Random(seed)
+    pos = 0
+    while pos < len(stream):
+        buf = framing.get_buffer(-1)
+        assert len(buf) > 0
+        n = min(len(buf), rng.choice(steps), len(stream) - pos)
+        buf[:n] = stream[pos:pos + n]
+        del buf  # a transport lets go of the view before calling back
+        framing.buffer_updated(n)
+        pos += n
+
+
+@pytest.mark.parametrize("client", [True, False])
+@pytest.mark.parametrize("steps", [(1,), (1, 7, 14, 15), (100, 16384, 70000, 1 << 20)])
+async def test_buffered_reads_give_the_same_messages(client: bool, steps: tuple[int, ...],
+                                                     ) -> None:
+    framing, transport = make(client=client, max_size=None)
+    frame = unmasked if client else masked
+    sizes = (0, 5, 125, 126, 16383, 16384, 65536, 131072, 300_000)
+    payloads = [os.urandom(n) for n in sizes if steps != (1,) or n < 20_000]
+    stream = b"".join(frame(Opcode.BINARY, p) for p in payloads)
+    stream += frame(Opcode.BINARY, b"x" * 20_000, fin=False) + frame(Opcode.PING, b"p") \
+        + frame(Opcode.CONT, b"y" * 30_000)
+    feed_buffered(framing, stream, steps)
+    for payload in payloads:
+        assert bytes(await recv_now(framing)) == payload
+    assert bytes(await recv_now(framing)) == b"x" * 20_000 + b"y" * 30_000
+    (pong,) = parse_frames(transport.take(), mask=client)
+    assert pong.opcode is Opcode.PONG and pong.data == b"p"
+
+
+async def test_a_large_payload_is_read_into_its_own_buffer() -> None:
+    framing, _ = make(client=True, max_size=None)
+    payload = os.urandom(200_000)
+    data = unmasked(Opcode.BINARY, payload)
+    feed_buffered(framing, data, (1000,))
+    message = await recv_now(framing)
+    assert isinstance(message, bytearray) and message == payload
+
+
+async def test_buffered_reads_skip_an_oversize_payload_and_see_the_close_reply() -> None:
+    framing, transport = make(client=False, max_size=4096)
+    feed_buffered(framing, masked(Opcode.BINARY, bytes(100_000))
+                  + masked(Opcode.CLOSE, struct.pack("!H", CLOSE_TOO_BIG)), (5000, 70000))
+    await failed_with(framing, transport, CLOSE_TOO_BIG)
+    with pytest.raises(ConnectionClosed):
+        await recv_now(framing)
+    assert transport.closing and not transport.aborted
+
+
 async def test_a_frame_wholly_in_one_read_is_not_copied() -> None:
     framing, _ = make(client=True)
     data = unmasked(Opcode.BINARY, b"abc" * 1000)

@@ -94,6 +94,11 @@ WRITE_HIGH_WATER = 512 * 1024
 WRITE_LOW_WATER = WRITE_HIGH_WATER // 4
 #: How long a closing handshake may take before the connection is dropped.
 CLOSE_TIMEOUT = 2.0
+#: Reads of headers and small frames go here (their bytes are copied out); one per link,
+#: also before the login, so kept small: large payloads never pass through it.
+SCRATCH_SIZE = 64 * 1024
+#: A payload at least this long is read straight into a buffer of its own size.
+DIRECT_READ_MIN = 16 * 1024
 #: Payloads up to this size are joined with their header into one write.
 SMALL_WRITE = 4096
 #: Environment switch: "0" keeps websockets' own framing for the whole link.
@@ -155,8 +160,15 @@ class _Fail(Exception):
         self.reason = reason
 
 
-class WsFraming(asyncio.Protocol):
-    """One WebSocket connection's framing from the end of the handshake to the TCP close."""
+class WsFraming(asyncio.BufferedProtocol):
+    """One WebSocket connection's framing from the end of the handshake to the TCP close.
+
+    A ``BufferedProtocol``: the transport reads (and TLS decrypts) straight into our
+    buffers. A large frame's payload is read into a buffer of exactly its size, which then
+    *is* the message (no join, no copy, TLS records not joined by the transport either);
+    headers and small frames go through a scratch buffer whose bytes are copied out.
+    ``data_received`` still works for transports that hand over ``bytes``.
+    """
 
     def __init__(self, *, client: bool, max_message_size: int | None,
                  close_timeout: float = CLOSE_TIMEOUT,
@@ -176,7 +188,10 @@ class WsFraming(asyncio.Protocol):
         self._op = 0
         self._fin = True
         self._mask: bytes | None = None
-        self._pieces: list[bytes | memoryview] = []
+        self._pieces: list[bytes | bytearray | memoryview] = []
+        self._scratch = bytearray(SCRATCH_SIZE)
+        self._target: bytearray | None = None  # a large payload being read in place
+        self._filled = 0
         self._msg_op: int | None = None  # opcode of a fragmented message in progress
         self._msg_parts: list[bytes | bytearray | memoryview] = []
         self._msg_size = 0
@@ -251,8 +266,36 @@ class WsFraming(asyncio.Protocol):
 
     # ------------------------------------------------------------ asyncio.Protocol
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        need = self._need
+        if self._target is None and need >= DIRECT_READ_MIN and not self._skip:
+            pieces, self._pieces = self._pieces, []
+            done = sum(len(p) for p in pieces)
+            self._target = bytearray(done + need)
+            self._target[:done] = b"".join(pieces)
+            self._filled = done
+        if self._target is not None:
+            return memoryview(self._target)[self._filled:]
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        target = self._target
+        if target is None:
+            self._parse(memoryview(self._scratch)[:nbytes], volatile=True)
+        else:
+            self._filled += nbytes
+            self._need -= nbytes
+            if not self._need:
+                self._target = None
+                self._pieces = [target]
+                self._complete()
+        self._after_input()
+
     def data_received(self, data: bytes) -> None:
         self._parse(data)
+        self._after_input()
+
+    def _after_input(self) -> None:
         waiter = self._recv_waiter
         if self._queue and waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -297,14 +340,16 @@ class WsFraming(asyncio.Protocol):
 
     # ------------------------------------------------------------ parsing
 
-    def _parse(self, data: bytes | bytearray | memoryview) -> None:
+    def _parse(self, data: bytes | bytearray | memoryview, volatile: bool = False) -> None:
+        """Parse ``data``; ``volatile``: it is our scratch buffer, so payloads are copied."""
         view = memoryview(data)
         pos, end = 0, len(view)
         while pos < end and not self._lost:
             if self._need:
                 take = min(self._need, end - pos)
                 if not self._skip:
-                    self._pieces.append(view[pos:pos + take])
+                    piece = view[pos:pos + take]
+                    self._pieces.append(bytes(piece) if volatile else piece)
                 pos += take
                 self._need -= take
                 if not self._need:
@@ -322,7 +367,8 @@ class WsFraming(asyncio.Protocol):
             need = self._need
             if need and not self._skip and end - pos >= need:
                 # The common case: the whole payload is in this read. No copy.
-                self._pieces.append(view[pos:pos + need])
+                piece = view[pos:pos + need]
+                self._pieces.append(bytes(piece) if volatile else piece)
                 pos += need
                 self._need = 0
             if not self._need:
@@ -408,7 +454,7 @@ class WsFraming(asyncio.Protocol):
         if self._skip:
             return
         if len(pieces) == 1:
-            payload: bytes | memoryview = pieces[0]
+            payload: bytes | bytearray | memoryview = pieces[0]
         else:
             payload = b"".join(pieces)
         if self._mask is not None:
@@ -450,7 +496,7 @@ class WsFraming(asyncio.Protocol):
         self._queue.append(message)
         self._queued += len(message)
 
-    def _on_close(self, payload: bytes | memoryview) -> None:
+    def _on_close(self, payload: bytes | bytearray | memoryview) -> None:
         """The peer's close frame: answer it (unless it answers ours) and end the TCP."""
         if self.close_rcvd is not None:
             return

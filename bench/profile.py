@@ -44,10 +44,11 @@ def _transfer(port_up: int, port_down: int, size: int, seed: int) -> float:
     return took
 
 
-def _py_spy(pid: int, out: Path, duration: int) -> subprocess.Popen[bytes]:
+def _py_spy(pid: int, out: Path, duration: int, native: bool) -> subprocess.Popen[bytes]:
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    extra = ["--native"] if native else ["--nonblocking"]
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate",
-                             "500", "--duration", str(duration), "--nonblocking",
+                             "250" if native else "500", "--duration", str(duration), *extra,
                              "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -83,6 +84,7 @@ def main() -> int:
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--py-spy", type=Path, default=None, help="write py-spy profiles here")
+    p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     args = p.parse_args()
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
     size = args.size_mib * MIB
@@ -107,7 +109,7 @@ def main() -> int:
                 spies = []
                 if args.py_spy is not None and rep == args.reps - 1:
                     args.py_spy.mkdir(parents=True, exist_ok=True)
-                    spies = [_py_spy(proc.pid, args.py_spy / f"{proc.name}.txt", 600)
+                    spies = [_py_spy(proc.pid, args.py_spy / f"{proc.name}.txt", 600, args.native)
                              for proc in contender.procs]
                     time.sleep(1.0)
                 before = cpu_seconds(contender.pids)

@@ -276,6 +276,15 @@ async def test_a_large_payload_is_read_into_its_own_buffer() -> None:
     assert isinstance(message, bytearray) and message == payload
 
 
+async def test_scratch_buffer_is_small_before_the_login_and_grows_after() -> None:
+    framing, _ = make(client=False, max_size=4096)
+    assert len(framing.get_buffer(-1)) == 4096 + 14
+    feed_buffered(framing, masked(Opcode.BINARY, bytes(4096)), (100_000,))
+    assert len(await recv_now(framing)) == 4096
+    framing.max_message_size = 1 << 20
+    assert len(framing.get_buffer(-1)) == 64 * 1024
+
+
 async def test_buffered_reads_skip_an_oversize_payload_and_see_the_close_reply() -> None:
     framing, transport = make(client=False, max_size=4096)
     feed_buffered(framing, masked(Opcode.BINARY, bytes(100_000))

@@ -97,6 +97,7 @@ CLOSE_TIMEOUT = 2.0
 #: Reads of headers and small frames go here (their bytes are copied out); one per link,
 #: also before the login, so kept small: large payloads never pass through it.
 SCRATCH_SIZE = 64 * 1024
+MIN_SCRATCH = 1024
 #: A payload at least this long is read straight into a buffer of its own size.
 DIRECT_READ_MIN = 16 * 1024
 #: Payloads up to this size are joined with their header into one write.
@@ -189,7 +190,7 @@ class WsFraming(asyncio.BufferedProtocol):
         self._fin = True
         self._mask: bytes | None = None
         self._pieces: list[bytes | bytearray | memoryview] = []
-        self._scratch = bytearray(SCRATCH_SIZE)
+        self._scratch = bytearray()  # sized on first use by _scratch_buffer
         self._target: bytearray | None = None  # a large payload being read in place
         self._filled = 0
         self._msg_op: int | None = None  # opcode of a fragmented message in progress
@@ -276,7 +277,20 @@ class WsFraming(asyncio.BufferedProtocol):
             self._filled = done
         if self._target is not None:
             return memoryview(self._target)[self._filled:]
-        return memoryview(self._scratch)
+        return memoryview(self._scratch_buffer())
+
+    def _scratch_buffer(self) -> bytearray:
+        """The scratch buffer, no larger than the largest frame we accept needs.
+
+        Before the login the cap is 4 KiB, so up to 512 unauthenticated links cost ~2 MiB
+        of scratch, not 32; the buffer grows once when the relay raises the cap.
+        """
+        limit = self.max_message_size
+        size = SCRATCH_SIZE if limit is None else max(MIN_SCRATCH, min(SCRATCH_SIZE, limit
+                                                                         + MAX_HEADER))
+        if len(self._scratch) < size:
+            self._scratch = bytearray(size)  # nothing refers to it between reads
+        return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         target = self._target

@@ -15,6 +15,10 @@ from pathlib import Path
 from bench.procs import Proc, echo_ok, free_ports, wait_accepting
 
 ALL = ("direct", "frp-tls", "frp-plain", "tunnel-tls", "tunnel-plain")
+#: Opt-in (``--contenders``): the tunnel with websockets' own framing for the whole link
+#: (``TUNNEL_WS_FRAMING=0``), to measure tunnel/common/wsframing.py against it in one run.
+OPTIONAL = ("tunnel-tls-ws", "tunnel-plain-ws")
+KNOWN = ALL + OPTIONAL
 SERVICES = ("echo", "sink", "source")
 TOKEN = "bench-token-0123456789abcdef"
 START_TIMEOUT = 30.0
@@ -58,14 +62,16 @@ class Direct(Contender):
         self.ports = dict(target)
 
 
-def _child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
+def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
+    return env | (extra or {})
 
 
 class Tunnel(Contender):
-    def __init__(self, name: str, workdir: Path, tls: bool) -> None:
+    def __init__(self, name: str, workdir: Path, tls: bool, ws_framing: bool = False) -> None:
         super().__init__(name, workdir)
         self.tls = tls
+        self.env = _child_env({"TUNNEL_WS_FRAMING": "0"} if ws_framing else None)
 
     def start(self, target: dict[str, int]) -> None:
         public = free_ports(len(SERVICES))
@@ -84,7 +90,7 @@ class Tunnel(Contender):
             f"clients:\n  bench:\n    token: {TOKEN}\n", encoding="utf-8")
         server = Proc(f"{self.name}-server", [sys.executable, "-m", "tunnel.server.cli",
                                               "--config", str(config)],
-                      self.workdir, env=_child_env())
+                      self.workdir, env=self.env)
         self.procs.append(server)
         url = server.wait_line(r"^tunnel-server: listening on (wss?://\S+)$",
                                START_TIMEOUT).group(1)
@@ -97,7 +103,7 @@ class Tunnel(Contender):
             self.info["fingerprint"] = fp
         for service, port in zip(SERVICES, public, strict=True):
             args += ["--expose", f"127.0.0.1:{target[service]}:fixed-{port}"]
-        client = Proc(f"{self.name}-client", args, self.workdir, env=_child_env())
+        client = Proc(f"{self.name}-client", args, self.workdir, env=self.env)
         self.procs.append(client)
         for service, port in zip(SERVICES, public, strict=True):
             client.wait_line(rf"127\.0\.0\.1:{target[service]} -> \S+:{port} \(fixed\)\s*$",
@@ -146,10 +152,11 @@ def make(name: str, workdir: Path, frp_bindir: Path) -> Contender:
     if name == "direct":
         return Direct(name, workdir)
     if name.startswith("tunnel-"):
-        return Tunnel(name, workdir, tls=name == "tunnel-tls")
+        return Tunnel(name, workdir, tls=name.startswith("tunnel-tls"),
+                      ws_framing=name.endswith("-ws"))
     if name.startswith("frp-"):
         return Frp(name, workdir, tls=name == "frp-tls", bindir=frp_bindir)
-    raise ValueError(f"unknown contender {name!r}; known: {', '.join(ALL)}")
+    raise ValueError(f"unknown contender {name!r}; known: {', '.join(KNOWN)}")
 
 
 def frp_version(bindir: Path) -> str | None:

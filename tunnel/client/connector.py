@@ -37,6 +37,7 @@ from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed
 from ..common.mux import GoAwayCode, Mux, Role
 from ..common.tls import check_pin, client_ssl_context
+from ..common.wsframing import framing_enabled, take_over
 from .dialer import Dialer
 from .expose import ExposeSpec
 from .settings import ClientSettings
@@ -202,6 +203,10 @@ class Connector:
         server_nonce = msg.b64decode(challenge["nonce"], "nonce")
         if len(server_nonce) != NONCE_SIZE:
             raise RemoteProtocolError("relay nonce of wrong size")
+        if framing_enabled() and isinstance(link.ws, ClientConnection):
+            # The relay sends nothing more until our answer: switch to our framing now,
+            # while websockets holds none of its bytes (wsframing.py says why).
+            link.ws = take_over(link.ws, max_message_size=MAX_MESSAGE_SIZE)
         client_nonce = new_nonce()
         auth: dict[str, Any] = {"type": msg.AUTH, "nonce": msg.b64encode(client_nonce),
                                 "client_version": __version__}

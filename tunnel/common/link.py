@@ -43,6 +43,7 @@ from .mux import (
     StreamReset,
     WindowOpened,
 )
+from .wsframing import WsFraming
 
 __all__ = [
     "LINK_HIGH_WATER",
@@ -297,10 +298,10 @@ ControlHandler = Callable[["Link", dict[str, Any]], None]
 class Link:
     """One end of a link: a websockets connection, a mux, its streams and timers."""
 
-    def __init__(self, ws: Connection, mux: Mux, *, name: str, logger: logging.Logger,
+    def __init__(self, ws: Connection | WsFraming, mux: Mux, *, name: str, logger: logging.Logger,
                  heartbeat_interval: float, heartbeat_timeout: float,
                  clock: Callable[[], float] | None = None) -> None:
-        self.ws = ws
+        self.ws = ws  # websockets' connection; our WsFraming once the login switched to it
         self.mux = mux
         self.name = name
         self.log = logging.LoggerAdapter(logger, {"client": name})

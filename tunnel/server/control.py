@@ -16,6 +16,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .. import __version__
@@ -27,6 +28,7 @@ from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed
 from ..common.mux import GoAwayCode, Mux, Role
 from ..common.telemetry_schema import normalize as normalize_telemetry
+from ..common.wsframing import framing_enabled, set_max_message_size, take_over
 from .listeners import bind_public_port, port_is_free
 
 if TYPE_CHECKING:
@@ -94,7 +96,7 @@ class ControlHandler:
         if hello is None:
             return
         name, version = hello
-        ws.protocol.max_message_size = MAX_MESSAGE_SIZE
+        set_max_message_size(link.ws, MAX_MESSAGE_SIZE)
         await self._serve(link, name, version, source)
 
     async def _login(self, link: Link, source: str) -> tuple[str, str] | None:
@@ -102,6 +104,10 @@ class ControlHandler:
         nonce = new_nonce()
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                if framing_enabled() and isinstance(link.ws, ServerConnection):
+                    # The client sends nothing before our challenge: switch to our framing
+                    # now, while websockets holds none of its bytes (wsframing.py says why).
+                    link.ws = take_over(link.ws, max_message_size=PRE_AUTH_MAX_MESSAGE)
                 await link.send_now({"type": msg.CHALLENGE, "version": PROTOCOL_VERSION,
                                      "nonce": msg.b64encode(nonce),
                                      "server_version": __version__})
@@ -110,7 +116,8 @@ class ControlHandler:
                 if len(client_nonce) != NONCE_SIZE:
                     raise RemoteProtocolError("nonce of wrong size")
                 name = self._identify(auth, nonce, client_nonce)
-        except (TimeoutError, RemoteProtocolError, LinkClosed, OSError) as exc:
+        except (TimeoutError, RemoteProtocolError, LinkClosed, ConnectionClosed,
+                OSError) as exc:
             log.info("login from %s abandoned: %s", source, _describe(exc))
             if isinstance(exc, RemoteProtocolError):
                 self.relay.counters.protocol_errors += 1

@@ -98,7 +98,10 @@ class Setup:
     def pids(self) -> tuple[int, int]:
         return self.relay.pid, self.client.pid
 
-    def record_fds(self) -> None:
+    async def record_baseline(self) -> None:
+        """Once warm-up streams are gone (a slot still held would skew limits and fds),
+        note the fd counts that "clean" returns to."""
+        await self.dashboard.wait_open_streams(0)
         self.fds = {pid: fd_count(pid) for pid in self.pids}
 
     async def assert_clean(self) -> None:
@@ -324,12 +327,16 @@ class RawService:
 
     async def wait_for(self, what: str, predicate: Any, timeout: float = 30.0) -> None:
         """Wait (event-driven, bounded) until ``predicate()`` holds."""
-        async with asyncio.timeout(timeout):
-            for _ in range(1_000_000):
-                if predicate():
-                    return
-                self.changed.clear()
-                await self.changed.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                for _ in range(1_000_000):
+                    if predicate():
+                        return
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"{what}: not within {timeout} s ({len(self.conns)} "
+                                 "connections now)") from None
         raise AssertionError(f"{what}: loop bound exhausted")
 
     def abort_all(self) -> None:

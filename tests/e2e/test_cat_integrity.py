@@ -357,7 +357,7 @@ async def test_I1_many_streams_up_and_down(tmp_path: Path, variant: Variant, siz
     setup = await start_tunnels(tmp_path, [sink.target])
     (port,) = setup.ports
     await _duplex_visit(await open_visitor(port), 0, 64 * 1024, 64 * 1024)  # warm up
-    setup.record_fds()
+    await setup.record_baseline()
     rss = PeakRss(setup.pids)
 
     visitors = await _open_in_batches(port, sink, 2 * each_way)
@@ -491,7 +491,7 @@ async def test_I4a_visitor_half_closes_first(tmp_path: Path, variant: Variant) -
     await service.start()
     setup = await start_tunnels(tmp_path, [service.target])
     (port,) = setup.ports
-    setup.record_fds()
+    await setup.record_baseline()
 
     async with asyncio.timeout(60):
         reader, writer = await open_visitor(port)

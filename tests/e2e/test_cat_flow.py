@@ -178,17 +178,19 @@ async def test_F1_slow_reader_stays_isolated(tmp_path: Path, variant: Variant,
 
     # RTT is sampled through all rounds alike, so the polling costs both kinds the same.
     sampler = asyncio.create_task(_sample_rtt(setup, rtts))
-    async with asyncio.timeout(size.pick(100, 1500)):
-        for pair in range(pairs):  # adjacent rounds, the order alternating
-            solo_id, a_id = 1000 * (2 * pair + 1), 1000 * (2 * pair + 2)
-            if pair % 2 == 0:
-                solo.append(await _bulk_round(bulk, bulk_port, streams, each, solo_id))
-                await round_with_a(a_id)
-            else:
-                await round_with_a(a_id)
-                solo.append(await _bulk_round(bulk, bulk_port, streams, each, solo_id))
-    sampler.cancel()
-    await asyncio.gather(sampler, return_exceptions=True)
+    try:
+        async with asyncio.timeout(size.pick(100, 1500)):
+            for pair in range(pairs):  # adjacent rounds, the order alternating
+                solo_id, a_id = 1000 * (2 * pair + 1), 1000 * (2 * pair + 2)
+                if pair % 2 == 0:
+                    solo.append(await _bulk_round(bulk, bulk_port, streams, each, solo_id))
+                    await round_with_a(a_id)
+                else:
+                    await round_with_a(a_id)
+                    solo.append(await _bulk_round(bulk, bulk_port, streams, each, solo_id))
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
     ratio = statistics.median(w / s for w, s in zip(with_a, solo, strict=True))
     print(f"F-1 {variant.id}: solo {[round(t, 2) for t in solo]} s, with A "
           f"{[round(t, 2) for t in with_a]} s, median pair ratio {ratio:.2f}; A queued in "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import socket
 import struct
@@ -116,7 +117,8 @@ class Setup:
                 break
             await asyncio.sleep(POLL_INTERVAL)
             now = {pid: fd_count(pid) for pid in self.pids}
-        raise AssertionError(f"fd counts {now} not back to baseline {self.fds} +-{FD_SLACK}")
+        raise AssertionError(f"fd counts {now} not back to baseline {self.fds} +-{FD_SLACK}; "
+                             f"client sockets: {describe_sockets(self.client.pid)[:20]}")
 
 
 async def start_tunnels(tmp_path: Path, targets: Sequence[str], **overrides: Any) -> Setup:
@@ -161,6 +163,24 @@ def tcp_queues(pairs: Sequence[tuple[int, int]]) -> int:
             tx, rx = (int(x, 16) for x in fields[4].split(":"))
             total += tx + rx
     return total
+
+
+def describe_sockets(pid: int) -> list[str]:
+    """The TCP sockets a process holds, as "local -> remote state tx:rx" (for failures)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    rows = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes:
+            rows.append(f"{_addr(fields[1])} -> {_addr(fields[2])} st={fields[3]} "
+                        f"q={fields[4]}")
+    return rows
 
 
 # ----------------------------------------------------------------------------- memory

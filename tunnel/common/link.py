@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -281,6 +282,27 @@ class StreamSocket(asyncio.Protocol):
         if self.link is not None:
             self.link.paused.discard(self)
 
+    def check_reset(self) -> None:
+        """Notice a peer's RST while reading is paused.
+
+        A paused socket is not polled, so with nothing queued to write either, a visitor
+        (or target) that reset the connection would hold its stream, window and fd until
+        the far side ended it. The kernel keeps the reset as a pending socket error: ask.
+        """
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            return
+        if err:
+            self.connection_lost(OSError(err, os.strerror(err)))
+            transport.abort()
+
     def detached(self) -> None:
         """The stream left its link (finished, reset or the link died); a hook."""
 
@@ -491,6 +513,8 @@ class Link:
         transport = self.ws.transport
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL)
+            for sock in list(self.paused):
+                sock.check_reset()
             buffered = transport.get_write_buffer_size()
             if buffered > LINK_WRITE_BUFFER_LIMIT:
                 self.log.warning("link of %s: peer does not read (%d bytes queued): "

@@ -220,11 +220,15 @@ class PeakRss:
             self.sample()
 
 
-async def raw_connect(port: int, source: str = "127.0.0.1") -> socket.socket:
-    """A non-blocking TCP socket to 127.0.0.1:``port``: nothing reads it unless asked."""
+async def raw_connect(port: int, source: str = "127.0.0.1", bufsize: int = 0) -> socket.socket:
+    """A non-blocking TCP socket to 127.0.0.1:``port``: nothing reads it unless asked.
+    ``bufsize`` fixes its send and receive buffers (no autotuning)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
+        if bufsize:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
         sock.bind((source, 0))
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
             sock, ("127.0.0.1", port)), 10.0)

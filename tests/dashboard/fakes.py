@@ -47,6 +47,7 @@ class FakeTunnel:
     traffic: FakeTraffic = field(default_factory=FakeTraffic)
     link: FakeLink | None = None
     connections: set[FakeConnection] = field(default_factory=set)
+    streams_refused: int = 0
 
 
 @dataclass

@@ -370,7 +370,7 @@ async def test_clients_view_cleans_telemetry(dash: tuple[Dashboard, FakeRelay, i
     assert alpha["name"] == "alpha" and alpha["online"] and not beta["online"]
     assert alpha["rtt_ms"] == 12.0
     assert alpha["tunnels"] == [{"port": 6000, "mode": "fixed", "target": "127.0.0.1:8888",
-                                 "online": True, "connections": 1,
+                                 "online": True, "connections": 1, "streams_refused": 0,
                                  "traffic": {"in": 5000, "out": 7000},
                                  "rate": {"in": 100.0, "out": 200.0}}]
     telemetry = alpha["telemetry"]

@@ -34,14 +34,11 @@ from tests.e2e.harness import (
 from tests.e2e.services import (
     DuplexDigestService,
     EchoService,
-    HalfCloseService,
     assert_closed_quickly,
     close_writer,
     echo_check,
     open_visitor,
-    pattern_digest,
     read_exactly_digest,
-    read_to_eof,
     send_pattern,
 )
 
@@ -77,32 +74,6 @@ async def test_16_streams_32mib_each_way_sha256(tmp_path: Path) -> None:
         assert visitor_got_len == size, f"stream {conn_id}: reply truncated"
         assert visitor_got == at_service.sent_digest, f"stream {conn_id}: reply corrupt"
     assert client.returncode is None
-
-
-async def test_half_close_visitor_gets_full_reply(tmp_path: Path) -> None:
-    service = HalfCloseService(reply_size=4 * MIB, reply_seed=77)
-    await service.start()
-    (port,) = free_ports(1)
-    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
-    client = await start_client(url, ALPHA_TOKEN, [f"{service.target}:{port}"])
-    assert await wait_tunnel(client, service.target) == port
-
-    async with asyncio.timeout(60):
-        reader, writer = await open_visitor(port)
-        try:
-            sent = await send_pattern(writer, 5, MIB)
-            writer.write_eof()  # shutdown(SHUT_WR): the service now sees EOF
-            got_len, got = await read_to_eof(reader, 4 * MIB)
-        finally:
-            await close_writer(writer)
-
-    assert got_len == 4 * MIB
-    assert got == pattern_digest(77, 4 * MIB)
-    assert service.errors == []
-    assert len(service.results) == 1
-    assert service.results[0].received_len == MIB
-    assert service.results[0].received_digest == sent
-    assert service.results[0].sent_digest == got
 
 
 async def test_kill9_client_restart_same_fixed_port_within_5s(tmp_path: Path) -> None:

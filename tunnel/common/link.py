@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -282,6 +283,27 @@ class StreamSocket(asyncio.Protocol):
         if self.link is not None:
             self.link.paused.discard(self)
 
+    def check_reset(self) -> None:
+        """Notice a peer's RST while reading is paused.
+
+        A paused socket is not polled, so with nothing queued to write either, a visitor
+        (or target) that reset the connection would hold its stream, window and fd until
+        the far side ended it. The kernel keeps the reset as a pending socket error: ask.
+        """
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            return
+        if err:
+            self.connection_lost(OSError(err, os.strerror(err)))
+            transport.abort()
+
     def detached(self) -> None:
         """The stream left its link (finished, reset or the link died); a hook."""
 
@@ -510,6 +532,8 @@ class Link:
         try:
             while not self._check_write_buffer():
                 await asyncio.sleep(WATCHDOG_INTERVAL)
+                for sock in list(self.paused):
+                    sock.check_reset()
         finally:
             # Only our own hook: the login's watchdog may end after the session's started.
             if vars(ws).get("send_data") is send_data:

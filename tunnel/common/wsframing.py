@@ -494,6 +494,7 @@ class WsFraming(asyncio.BufferedProtocol):
         elif op == OP_PING:
             if self.close_sent is None and not self._lost:
                 self._write(OP_PONG, bytes(payload))
+                self.send_data()
         elif op == OP_CLOSE:
             self._on_close(payload)
         # OP_PONG: we never send pings at this layer (the mux has its own); ignore.
@@ -540,6 +541,15 @@ class WsFraming(asyncio.BufferedProtocol):
             self.transport.close()  # RFC 6455 7.1.1: the server closes the TCP first
 
     # ------------------------------------------------------------ writing and closing
+
+    def send_data(self) -> None:
+        """Called after this layer wrote a reply of its own (a pong) in the read path.
+
+        Those replies bypass the Link's writer and its backpressure; the Link's watchdog hooks
+        this method on the instance (as it does websockets' ``send_data``) to check the
+        send buffer at once, so a ping flood from a peer that never reads is cut off at the
+        limit rather than at the next timer tick (reliability B-7).
+        """
 
     def _write(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
         mask = self._mask_key(4) if self.client else None

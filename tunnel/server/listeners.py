@@ -85,6 +85,7 @@ class VisitorSocket(StreamSocket):
 
     def _refuse(self, transport: asyncio.BaseTransport, why: str) -> None:
         limited_log.warning("port %d: %s", self.tunnel.port, why)
+        self.tunnel.streams_refused += 1
         self.closed = True
         self._release()
         abort_with_reset(transport)

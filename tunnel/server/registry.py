@@ -32,6 +32,9 @@ class TunnelRecord:
     link: Link | None = None
     tunnel_id: int = 0  # the owner's id for this tunnel on ``link``
     connections: set[VisitorSocket] = field(default_factory=set)
+    #: Visitors reset at once instead of queued: the link's stream limit (F-5) or the
+    #: per-source cap was reached. Counted so an operator sees a client at its limit.
+    streams_refused: int = 0
 
 
 @dataclass

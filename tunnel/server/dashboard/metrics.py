@@ -73,19 +73,24 @@ class RelayCollector(Collector):
                                    "client, all its tunnels", labels=["client"])
         b_out = CounterMetricFamily("tunnel_client_bytes_out", "bytes from the client to "
                                     "visitors, all its tunnels", labels=["client"])
-        totals: dict[str, list[int]] = {name: [0, 0] for name in self._relay.registry.clients}
+        refused = CounterMetricFamily("tunnel_client_streams_refused", "visitor streams "
+                                      "reset at once because the client's stream limit or "
+                                      "the per-source cap was reached", labels=["client"])
+        totals: dict[str, list[int]] = {name: [0, 0, 0] for name in self._relay.registry.clients}
         for tunnel in self._relay.registry.tunnels.values():
-            pair = totals.setdefault(tunnel.client, [0, 0])
-            pair[0] += tunnel.traffic.bytes_in
-            pair[1] += tunnel.traffic.bytes_out
+            sums = totals.setdefault(tunnel.client, [0, 0, 0])
+            sums[0] += tunnel.traffic.bytes_in
+            sums[1] += tunnel.traffic.bytes_out
+            sums[2] += tunnel.streams_refused
         for name, client in sorted(self._relay.registry.clients.items()):
             online.add_metric([name], 1 if client.link is not None else 0)
             if client.link is not None and client.link.rtt is not None:
                 rtt.add_metric([name], client.link.rtt)
-        for name, (total_in, total_out) in sorted(totals.items()):
+        for name, (total_in, total_out, total_refused) in sorted(totals.items()):
             b_in.add_metric([name], total_in)
             b_out.add_metric([name], total_out)
-        yield from (online, rtt, b_in, b_out)
+            refused.add_metric([name], total_refused)
+        yield from (online, rtt, b_in, b_out, refused)
 
     def _tunnel_metrics(self) -> Iterator[Metric]:
         labels = ["client", "port"]
@@ -99,6 +104,9 @@ class RelayCollector(Collector):
                                   labels=labels)
         up = GaugeMetricFamily("tunnel_tunnel_online", "1 while the tunnel is live",
                                labels=labels)
+        refused = CounterMetricFamily("tunnel_tunnel_streams_refused", "visitor connections "
+                                      "reset at once (stream limit or per-source cap)",
+                                      labels=labels)
         for port, tunnel in sorted(self._relay.registry.tunnels.items()):
             values = [tunnel.client, str(port)]
             b_in.add_metric(values, tunnel.traffic.bytes_in)
@@ -106,7 +114,8 @@ class RelayCollector(Collector):
             streams.add_metric(values, tunnel.traffic.streams_total)
             conns.add_metric(values, len(tunnel.connections))
             up.add_metric(values, 1 if tunnel.link is not None else 0)
-        yield from (b_in, b_out, streams, conns, up)
+            refused.add_metric(values, tunnel.streams_refused)
+        yield from (b_in, b_out, streams, conns, up, refused)
 
     def _telemetry_metrics(self) -> Iterator[Metric]:
         host = {key: GaugeMetricFamily(name, doc, labels=["client"])

@@ -50,6 +50,7 @@ def _tunnel(relay: RelayView, tunnel: TunnelView) -> Json:
         "target": clean_text(tunnel.target),
         "online": tunnel.link is not None,
         "connections": len(tunnel.connections),
+        "streams_refused": tunnel.streams_refused,
         "traffic": _bytes([tunnel.traffic]),
         "rate": _pair(relay.stats.rate(("tunnel", tunnel.port))),
     }
@@ -72,6 +73,7 @@ def client_summary(relay: RelayView, client: ClientView) -> Json:
         "os": clean_text(client.os) or None,
         "rtt_ms": round(rtt * 1000.0, 3) if rtt is not None else None,
         "traffic": _bytes(t.traffic for t in tunnels),
+        "streams_refused": sum(t.streams_refused for t in tunnels),
         "rate": _pair(relay.stats.rate(("client", client.name))),
         "tunnels": [_tunnel(relay, t) for t in tunnels],
         "telemetry": clean_telemetry(client.telemetry, client.telemetry_at),

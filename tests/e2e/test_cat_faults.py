@@ -770,7 +770,9 @@ async def test_R10_emfile_on_accept_is_survived(tmp_path: Path, variant: Variant
     (from four loopback addresses, so the per-source cap of 256 is not what stops them).
     The relay does not crash, an existing stream keeps working, accepting resumes within
     2 s after the connections are closed, and EMFILE is logged as a one-line warning, not
-    a traceback (the autouse fixture fails on any traceback)."""
+    a traceback (the autouse fixture fails on any traceback). That warning is checked on
+    the stock loop; uvloop (libuv) accepts and closes the excess connections itself and
+    tells the program nothing, so there is nothing to log."""
     echo = EchoService()
     await echo.start()
     (port,) = free_ports(1)
@@ -784,21 +786,40 @@ async def test_R10_emfile_on_accept_is_survived(tmp_path: Path, variant: Variant
         existing_writer.write(b"before")
         assert await asyncio.wait_for(existing_reader.readexactly(6), 5) == b"before"
         mark = len(server.stderr_lines)
+        refused = 0
         for i in range(400):  # the kernel completes each handshake (backlog 512)
             source = f"127.0.0.{2 + i % 4}"
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), 5)
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), 5)
+            except ConnectionResetError:  # turned away (stream or dial limits): fine
+                refused += 1
+                continue
             held.append(writer)
-        await server.wait_for_line(r"(?i)too many open files|out of file descriptors",
-                                   timeout=10, since=mark, stream="stderr")
+        print(f"R-10: {len(held)} public connections held, {refused} reset at connect")
+        if not variant.uvloop:  # libuv sheds the excess itself and reports nothing
+            await server.wait_for_line(r"cannot accept new connections: .*out of file "
+                                       r"descriptors", timeout=10, since=mark, stream="stderr")
         existing_writer.write(b"during")
         assert await asyncio.wait_for(existing_reader.readexactly(6), 5) == b"during"
     finally:
         for writer in held:
             writer.transport.abort()
     freed = time.monotonic()
-    await echo_check(port, 64 * 1024, timeout=2.0)
-    assert time.monotonic() - freed <= 2.0
+    for _ in range(100):  # until served: the relay first works through the dead backlog
+        remaining = 2.0 - (time.monotonic() - freed)
+        assert remaining > 0, "no visitor served within 2 s after the fds were freed"
+        try:
+            await echo_check(port, 64 * 1024, timeout=remaining)
+            break
+        except (AssertionError, OSError, TimeoutError, ExceptionGroup):  # reset: again
+            await asyncio.sleep(0.05)
+    resumed = time.monotonic() - freed
+    assert resumed <= 2.0
+    print(f"R-10: served again {resumed:.2f} s after the fds were freed")
+    if not variant.uvloop:
+        warnings = [ln for ln in server.stderr_lines if "cannot accept new" in ln]
+        assert len(warnings) == 1, warnings  # one line per 10 s, not one per accept()
     existing_writer.write(b"after")
     assert await asyncio.wait_for(existing_reader.readexactly(5), 5) == b"after"
     await close_writer(existing_writer)

@@ -3,19 +3,61 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["NO_UVLOOP_ENV", "run", "setup_logging"]
+__all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "NO_UVLOOP_ENV", "AcceptErrorFilter", "run",
+           "setup_logging"]
 
 #: Set to 1 to run on the stock asyncio loop even where uvloop is installed.
 NO_UVLOOP_ENV = "TUNNEL_NO_UVLOOP"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+#: Running out of file descriptors on accept() is logged at most this often (seconds).
+ACCEPT_ERROR_LOG_INTERVAL = 10.0
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
 T = TypeVar("T")
+
+log = logging.getLogger("tunnel")
+
+
+class AcceptErrorFilter:
+    """The event loop's exception handler: EMFILE and kin on ``accept()`` become one warning.
+
+    The stock loop already survives them (it pauses the listener for 1 s and retries), but
+    reports every failed accept as an ERROR with a traceback, hundreds per burst: a relay
+    out of file descriptors must say so in one line, at most once per interval, and keep
+    going (reliability R-10; frp PR #2467 is what a listener that quits on EMFILE costs).
+    Every other error goes to the loop's default handler unchanged.
+    """
+
+    def __init__(self, interval: float = ACCEPT_ERROR_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._last: float | None = None
+        self.suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS
+                and "accept" in str(context.get("message", ""))):
+            loop.default_exception_handler(context)
+            return
+        now = self.clock()
+        if self._last is not None and now - self._last < self.interval:
+            self.suppressed += 1
+            return
+        skipped = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
+        self._last, self.suppressed = now, 0
+        log.warning("cannot accept new connections: %s (out of file descriptors?); "
+                    "retrying%s", exc.strerror or exc, skipped)
 
 
 def setup_logging(level: str) -> None:
@@ -41,4 +83,5 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     factory = _loop_factory()
     logging.getLogger("tunnel").info("event loop: %s", "asyncio" if factory is None else "uvloop")
     with asyncio.Runner(loop_factory=factory) as runner:
+        runner.get_loop().set_exception_handler(AcceptErrorFilter())
         return runner.run(main)

@@ -40,6 +40,8 @@ CHUNK = 64 * 1024
 QUEUE_DEPTH = 16  # chunks held per direction while latency applies (keeps backpressure)
 MAX_READS = 1 << 22  # per direction and connection: far beyond any test's traffic
 RECORD_LIMIT = 16 * 1024 * 1024  # client -> target bytes kept per connection
+LINK_CHUNK = 16 * 1024  # read size while a bandwidth toxic is on: a shallow "router" queue
+LINK_BUFFER = 64 * 1024  # SO_RCVBUF of the proxy's sockets while a bandwidth toxic is on
 IDLE_CHECK = 0.05  # how often idle connections are looked for (seconds)
 REPLAY_READ_TIMEOUT = 5.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -169,8 +171,20 @@ class FaultProxy:
             toxics.latency, toxics.jitter = ms / 1000, jitter / 1000
 
     def bandwidth(self, bytes_per_s: float | None, direction: str = BOTH) -> None:
+        """Throttle like a slow link: a token bucket, and shallow buffers in front of it
+        (small reads and receive buffers), so the proxy itself is not a deep queue that
+        would add seconds of latency a real 20 Mbit/s hop does not have."""
         for toxics in self._directions(direction):
             toxics.rate = bytes_per_s
+        for conn in self.conns:
+            self._shallow(conn)
+
+    def _shallow(self, conn: Connection) -> None:
+        for direction, writer in ((UP, conn.client), (DOWN, conn.upstream)):
+            sock = writer.get_extra_info("socket")
+            if self.toxics[direction].rate is not None and sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LINK_BUFFER)
 
     def slicer(self, avg: int, var: int = 0, delay: float = 0.0,
                direction: str = BOTH) -> None:
@@ -247,6 +261,7 @@ class FaultProxy:
         loop = asyncio.get_running_loop()
         conn = Connection(len(self.conns), writer, up_writer, loop.time())
         self.conns.append(conn)
+        self._shallow(conn)
         conn.tasks = [asyncio.create_task(self._pump(conn, UP, reader, up_writer)),
                       asyncio.create_task(self._pump(conn, DOWN, up_reader, writer))]
         await asyncio.gather(*conn.tasks, return_exceptions=True)
@@ -267,7 +282,8 @@ class FaultProxy:
                 for _ in range(MAX_READS):
                     if conn.frozen or deliver.done():
                         break
-                    data = await reader.read(CHUNK)
+                    limited = self.toxics[direction].rate is not None
+                    data = await reader.read(LINK_CHUNK if limited else CHUNK)
                     if conn.frozen or not data:
                         break
                     conn.touch()
@@ -362,11 +378,11 @@ class FaultProxy:
                 task.cancel()
             for writer in (conn.client, conn.upstream):
                 writer.transport.abort()
-        for handler in list(self._handlers):
-            handler.cancel()
-        tasks = [t for conn in self.conns for t in conn.tasks] + list(self._handlers)
+        tasks = [t for conn in self.conns for t in conn.tasks]
         if self._watcher is not None:
             tasks.append(self._watcher)
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._handlers:  # they end once their pumps did (cancelling them makes asyncio
+            await asyncio.wait(list(self._handlers), timeout=5)  # log an error)
         if self._server is not None:
             await self._server.wait_closed()

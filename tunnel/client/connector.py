@@ -36,6 +36,7 @@ from ..common.errors import (
 from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed
 from ..common.mux import GoAwayCode, Mux, Role
+from ..common.runtime import limit_unsent
 from ..common.tls import check_pin, client_ssl_context
 from .dialer import Dialer
 from .expose import ExposeSpec
@@ -172,6 +173,7 @@ class Connector:
                            open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0, proxy=None,
                            user_agent_header=f"tunnel-client/{__version__}",
                            ssl=self.ssl, create_connection=self.connection_class) as ws:
+            limit_unsent(ws.transport.get_extra_info("socket"))
             link = Link(ws, Mux(Role.CLIENT), name="-", logger=log,
                         heartbeat_interval=HEARTBEAT_BOUNDS[1],
                         heartbeat_timeout=HEARTBEAT_BOUNDS[1])

@@ -6,13 +6,14 @@ import asyncio
 import errno
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "NO_UVLOOP_ENV", "AcceptErrorFilter", "run",
-           "setup_logging"]
+__all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "LINK_NOTSENT_LOWAT", "NO_UVLOOP_ENV",
+           "AcceptErrorFilter", "limit_unsent", "run", "setup_logging"]
 
 #: Set to 1 to run on the stock asyncio loop even where uvloop is installed.
 NO_UVLOOP_ENV = "TUNNEL_NO_UVLOOP"
@@ -22,9 +23,28 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ACCEPT_ERROR_LOG_INTERVAL = 10.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
+#: Bytes of not-yet-sent data the kernel may hold for a link socket (TCP_NOTSENT_LOWAT).
+#: Without it Linux grows a send buffer to several MiB, and on a slow or saturated path a
+#: heartbeat reply queued behind that much bulk data arrives seconds late (reliability F-4:
+#: ping RTT p99 < 2 s at 20 Mbit/s). With it the backlog stays in the multiplexer, which
+#: sends control frames first. 128 KiB is 50 ms at 20 Mbit/s and keeps loopback speed.
+LINK_NOTSENT_LOWAT = 128 * 1024
+
 T = TypeVar("T")
 
 log = logging.getLogger("tunnel")
+
+
+def limit_unsent(sock: Any) -> None:
+    """Set :data:`LINK_NOTSENT_LOWAT` on a link socket (or a listener, whose accepted
+    sockets inherit it); a platform without the option keeps its default."""
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if sock is None or option is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, LINK_NOTSENT_LOWAT)
+    except OSError as exc:
+        log.debug("TCP_NOTSENT_LOWAT not set: %s", exc)
 
 
 class AcceptErrorFilter:

@@ -224,7 +224,11 @@ class StreamSocket(asyncio.Protocol):
             self._send(data)
         if not self._backlog:
             self._maybe_send_fin()
-            if self._reading_paused and link.mux.pending_data_bytes <= LINK_HIGH_WATER:
+            # Same bar as link_drained: resuming here at the high-water mark let the streams
+            # that got credit back (the fastest ones) read again before the link drained for
+            # the others, and they took ever more of a saturated link (F-4: one of 32
+            # streams got 3x its fair share, another 14 %).
+            if self._reading_paused and link.mux.pending_data_bytes <= LINK_LOW_WATER:
                 self._resume_reading()
 
     def abort(self) -> None:

@@ -227,9 +227,9 @@ async def test_R2_server_restart(tmp_path: Path, variant: Variant, how: str) -> 
     reset (never a clean EOF). SIGKILL: the relay is just gone. Either way the restarted
     relay (same link port, same state) gets the client back on every port within
     backoff cap + 2 s of its return (typically 0-20 s: a client whose relay went away
-    spreads its reconnect over connector.RESTART_SPREAD, see R-8). Under SIGKILL the kernel ends the relay's sockets,
-    which may be a FIN for an idle visitor: no process is left to turn it into a reset, so
-    that variant asserts only the reconnect."""
+    spreads its reconnect over connector.RESTART_SPREAD, see R-8). Under SIGKILL the
+    kernel ends the relay's sockets, which may be a FIN for an idle visitor: no process is
+    left to turn it into a reset, so that variant asserts only the reconnect."""
     echo = EchoService()
     await echo.start()
     link_port, port_a, port_b = free_ports(3)

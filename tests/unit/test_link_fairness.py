@@ -1,6 +1,10 @@
-"""A stream paused because the link is full waits for the link to drain, even when its own
-credit comes back meanwhile (reliability F-4: credit used to let the fastest streams read
-again at the high-water mark, before the others, and they took ever more of the link)."""
+"""Streams share a full link in turns (reliability F-4).
+
+A stream paused because the link is full waits for the link to drain, even when its own
+credit comes back meanwhile, and a stream still reading pauses as soon as the queue is above
+the mark at which the others resume: otherwise the streams that happen to be reading keep
+the queue between the two marks, the link never drains, and the paused ones starve.
+"""
 
 from __future__ import annotations
 
@@ -48,10 +52,29 @@ def _socket(link: Link, stream_id: int) -> tuple[StreamSocket, FakeTransport]:
     return sock, transport
 
 
-def test_credit_does_not_resume_a_stream_before_the_link_drains() -> None:
-    link = Link(cast(Any, object()), Mux(Role.CLIENT), name="t",
+def _link() -> Link:
+    return Link(cast(Any, object()), Mux(Role.CLIENT), name="t",
                 logger=logging.getLogger("test"), heartbeat_interval=1.0,
                 heartbeat_timeout=3.0, clock=lambda: 0.0)
+
+
+def test_a_reading_stream_pauses_once_the_others_wait_for_the_drain() -> None:
+    link = _link()
+    waiting, waiting_transport = _socket(link, 1)
+    reading, reading_transport = _socket(link, 3)
+    waiting.data_received(b"w" * (LINK_HIGH_WATER + 1))  # the link is full: it pauses
+    assert not waiting_transport.reading
+    for _ in range(100):  # the writer drains to between the two marks
+        if link.mux.pending_data_bytes <= LINK_HIGH_WATER:
+            break
+        link.mux.next_message()
+    assert LINK_LOW_WATER < link.mux.pending_data_bytes <= LINK_HIGH_WATER
+    reading.data_received(b"r" * 1024)
+    assert not reading_transport.reading  # its turn is over until the link drains
+
+
+def test_credit_does_not_resume_a_stream_before_the_link_drains() -> None:
+    link = _link()
     sock, transport = _socket(link, 1)
     for stream_id in (3, 5, 7):  # other streams fill the link past its high-water mark
         other, _ = _socket(link, stream_id)

@@ -159,7 +159,11 @@ class StreamSocket(asyncio.Protocol):
             self._backlog += data
         else:
             self._send(data)
-        if self._backlog or link.mux.pending_data_bytes > LINK_HIGH_WATER:
+        # Pause at the same mark at which paused streams resume (link_drained): with the
+        # high-water mark here, streams that happened to be reading kept the queue between
+        # the two marks, the link never drained to low water, and every stream paused
+        # meanwhile starved (F-4: 2 of 32 streams took 22x the share of the others).
+        if self._backlog or link.mux.pending_data_bytes > LINK_LOW_WATER:
             self._pause_reading(link)
 
     def eof_received(self) -> bool:

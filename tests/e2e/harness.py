@@ -268,8 +268,12 @@ async def start_proc(
     args: Sequence[str],
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    wrap: Sequence[str] = (),
 ) -> Proc:
+    """``wrap`` prefixes the command (e.g. ``prlimit --nofile=256:256``); it must exec the
+    program so that the pid stays the program's."""
     process = await asyncio.create_subprocess_exec(
+        *wrap,
         sys.executable,
         "-m",
         module,
@@ -317,11 +321,15 @@ def write_config(tmp_path: Path, config: Mapping[str, Any], name: str = "server.
 
 
 async def start_server(
-    tmp_path: Path, config: Mapping[str, Any], name: str = "server.yaml"
+    tmp_path: Path, config: Mapping[str, Any], name: str = "server.yaml",
+    wrap: Sequence[str] = (),
 ) -> tuple[Proc, str]:
-    """Write ``config`` to ``tmp_path/name``, start the relay, wait for its listening line."""
+    """Write ``config`` to ``tmp_path/name``, start the relay, wait for its listening line.
+
+    ``wrap`` prefixes the command, as in :func:`start_proc`."""
     path = write_config(tmp_path, config, name)
-    proc = await start_proc("tunnel-server", SERVER_MODULE, ["--config", str(path)], cwd=tmp_path)
+    proc = await start_proc("tunnel-server", SERVER_MODULE, ["--config", str(path)], cwd=tmp_path,
+                            wrap=wrap)
     since = proc.mark()
     match = await proc.wait_for_line(LISTENING_RE, since=since)
     url = match["url"]

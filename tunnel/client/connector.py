@@ -36,6 +36,7 @@ from ..common.errors import (
 from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed
 from ..common.mux import GoAwayCode, Mux, Role
+from ..common.runtime import limit_unsent
 from ..common.tls import check_pin, client_ssl_context
 from ..common.wsframing import framing_enabled, take_over
 from .dialer import Dialer
@@ -49,9 +50,11 @@ __all__ = [
     "BACKOFF_INITIAL",
     "EXPOSE_TIMEOUT",
     "HANDSHAKE_TIMEOUT",
+    "RESTART_SPREAD",
     "Connector",
     "UntrustedCertificate",
     "backoff",
+    "reconnect_delay",
 ]
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -59,6 +62,12 @@ EXPOSE_TIMEOUT = 30.0
 BACKOFF_INITIAL = 0.5
 BACKOFF_FACTOR = 2.0
 BACKOFF_CAP = 30.0
+#: When the relay itself went away (it announced a shutdown, or refuses connections right
+#: after a live link was lost), every client of it lost its link in the same instant: the
+#: next attempt is drawn uniformly from [0, this] seconds so that the relay that comes back
+#: is not hit by all of them in the same second (reliability catalogue R-8: no 1 s window
+#: may hold more than 25 % of the reconnects). 20 s keeps "all back within 30 s".
+RESTART_SPREAD = 20.0
 #: Heartbeat settings the relay may ask for are clamped to this range (seconds).
 HEARTBEAT_BOUNDS = (0.1, 3600.0)
 
@@ -76,6 +85,16 @@ def backoff(initial: float = BACKOFF_INITIAL, factor: float = BACKOFF_FACTOR,
     while True:
         yield delay * (0.5 + rand() / 2)
         delay = min(cap, delay * factor)
+
+
+def reconnect_delay(backoff_delay: float, relay_gone: bool,
+                    rand: Callable[[], float] = random.random,
+                    spread: float = RESTART_SPREAD) -> float:
+    """The wait before the next attempt: the backoff's, or a draw across ``spread`` seconds
+    when the relay went away (a storm of its clients is coming; see RESTART_SPREAD)."""
+    if relay_gone:
+        return max(backoff_delay, rand() * spread)
+    return backoff_delay
 
 
 class Connector:
@@ -97,15 +116,18 @@ class Connector:
         self.dialer = Dialer(self.tunnels)
         self.link: Link | None = None
         self.replaced = False  # the last link ended because a newer login took over
+        self.relay_shutdown = False  # the last link ended with the relay's shutdown GOAWAY
+        self.rand: Callable[[], float] = random.random
         self.telemetry = telemetry_provider(os.environ)
         self.telemetry_interval = telemetry_interval(os.environ)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Return when ``stop`` is set; raise AuthError/ClaimRefused/ConfigError if final."""
-        delays = backoff()
+        delays = backoff(rand=self.rand)
+        link_lost = False  # a live link ended and no attempt has been made since
         while not stop.is_set():
-            established = False
-            self.replaced = False
+            established = refused = False
+            self.replaced = self.relay_shutdown = False
             try:
                 established = await self._session(stop)
             except InvalidStatus as exc:
@@ -121,6 +143,7 @@ class Connector:
                 raise UntrustedCertificate(self.settings.server_url,
                                            exc.verify_message or str(exc)) from exc
             except ConnectionRefusedError:
+                refused = True
                 log.warning("cannot reach the relay at %s: connection refused (is "
                             "tunnel-server running and the port open?)",
                             self.settings.server_url)
@@ -128,10 +151,12 @@ class Connector:
                 log.warning("link to %s lost or not established: %s", self.settings.server_url,
                             _describe(exc))
             if established:
-                delays = backoff()
+                delays = backoff(rand=self.rand)
             if stop.is_set():
                 break
-            delay = next(delays)
+            relay_gone = self.relay_shutdown or (refused and link_lost)
+            delay = reconnect_delay(next(delays), relay_gone, self.rand)
+            link_lost = established and not self.relay_shutdown
             if self.replaced:
                 log.error("another client logged in with this token and replaced this one; "
                           "two machines must not share a token")
@@ -149,6 +174,7 @@ class Connector:
                            open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0, proxy=None,
                            user_agent_header=f"tunnel-client/{__version__}",
                            ssl=self.ssl, create_connection=self.connection_class) as ws:
+            limit_unsent(ws.transport.get_extra_info("socket"))
             link = Link(ws, Mux(Role.CLIENT), name="-", logger=log,
                         heartbeat_interval=HEARTBEAT_BOUNDS[1],
                         heartbeat_timeout=HEARTBEAT_BOUNDS[1])
@@ -170,6 +196,7 @@ class Connector:
                     await link.close(GoAwayCode.NORMAL, "client shutting down")
                 await runner
                 self.replaced = link.goaway_code == GoAwayCode.REPLACED
+                self.relay_shutdown = link.goaway_code == GoAwayCode.SHUTDOWN
                 if link.close_reason and not stop.is_set():
                     log.warning("link closed: %s", link.close_reason)
                 return True

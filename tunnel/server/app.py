@@ -22,6 +22,7 @@ from ..common.frames import MAX_MESSAGE_SIZE
 from ..common.localfs import is_loopback
 from ..common.mux import GoAwayCode
 from ..common.portset import PortSet
+from ..common.runtime import limit_unsent
 from ..common.tls import (
     cert_file_fingerprint,
     check_private_file,
@@ -126,6 +127,8 @@ class Relay:
             open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0,
             server_header=None, ssl=ssl_context,
         )
+        for sock in self._ws_server.sockets:  # links accepted here inherit it
+            limit_unsent(sock)
         task = asyncio.create_task(self._watch_files(), name="config-watch")
         self.background.add(task)
         self.monitor.start()

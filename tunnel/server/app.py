@@ -33,6 +33,7 @@ from .dashboard import Alerts, Dashboard, start_alerts, start_dashboard
 from .guard import (
     MAX_VISITORS_PER_SOURCE,
     MAX_VISITORS_TOTAL,
+    OpenRate,
     Penalties,
     PreAuthSlots,
     SourceSlots,
@@ -73,6 +74,7 @@ class Relay:
         self._load_credentials(config)
         self.preauth = PreAuthSlots()
         self.visitor_slots = SourceSlots(MAX_VISITORS_PER_SOURCE, MAX_VISITORS_TOTAL)
+        self.open_rate = OpenRate()
         self.penalties = Penalties()
         self.servers: dict[int, asyncio.Server] = {}
         self.background: set[asyncio.Task[None]] = set()
@@ -120,6 +122,7 @@ class Relay:
         self._ws_server = await serve(
             self.control, self.config.listen_host, self.config.listen_port,
             process_request=self.control.process_request,
+            create_connection=self.control.connection_class,
             compression=None, max_size=MAX_MESSAGE_SIZE, ping_interval=None,
             open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0,
             server_header=None, ssl=ssl_context,
@@ -195,8 +198,8 @@ class Relay:
                 continue
             record = self.registry.reserve(lease.port, lease.client, lease.kind, lease.target)
             try:
-                self.servers[lease.port] = await bind_public_port(host, lease.port, record,
-                                                                  self.visitor_slots)
+                self.servers[lease.port] = await bind_public_port(
+                    host, lease.port, record, self.visitor_slots, self.open_rate)
             except OSError as exc:
                 log.warning("cannot bind leased port %d (client %s): %s", lease.port,
                             lease.client, exc.strerror or exc)

@@ -17,6 +17,7 @@ from tunnel.server.guard import (
     Penalties,
     PreAuthSlots,
     TokenBucket,
+    claim_refusal,
 )
 
 
@@ -257,3 +258,36 @@ def test_open_rate_source_table_is_bounded(clock: FakeClock) -> None:
     for i in range(100):
         assert rate.allow(7000, f"s{i}")
     assert len(rate._sources) == 3
+
+
+# ------------------------------------------------------------------ port policy (B-12)
+
+_RESERVED = {7000: "control", 7001: "dashboard"}
+
+
+@pytest.mark.parametrize(("port", "ranges", "reason"), [
+    (0, [(1, 65535)], "0 is not a port number 1-65535"),
+    (65536, [(1, 65535)], "65536 is not a port number"),
+    (-1, [(1, 65535)], "-1 is not a port number"),
+    (True, [(1, 65535)], "True is not a port number"),
+    (7000, [(1, 65535)], "port 7000 is the relay's control port"),
+    (7001, [(1024, 65535)], "port 7001 is the relay's dashboard port"),
+    (80, [(1, 65535)], "port 80 is privileged (below 1024)"),
+    (80, [(1000, 2000)], "port 80 is privileged"),
+    (1023, [(1000, 2000)], "port 1023 is privileged"),
+])
+def test_claim_refusal_names_the_reason(port: int, ranges: list[tuple[int, int]],
+                                        reason: str) -> None:
+    refusal = claim_refusal(port, ranges, _RESERVED)
+    assert refusal is not None and reason in refusal
+
+
+@pytest.mark.parametrize(("port", "ranges"), [
+    (80, [(80, 80)]),
+    (443, [(22, 22), (80, 443), (6000, 6100)]),
+    (1024, [(1, 65535)]),
+    (6000, [(6000, 6100)]),
+])
+def test_claim_refusal_lets_ordinary_and_explicit_ports_through(
+        port: int, ranges: list[tuple[int, int]]) -> None:
+    assert claim_refusal(port, ranges, _RESERVED) is None

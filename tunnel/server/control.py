@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
@@ -27,7 +28,7 @@ from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed, abort_with_reset
 from ..common.mux import GoAwayCode, Mux, Role
 from ..common.telemetry_schema import normalize as normalize_telemetry
-from .guard import SourceSlots
+from .guard import SourceSlots, claim_refusal
 from .listeners import bind_public_port, limited_log, port_is_free
 
 if TYPE_CHECKING:
@@ -265,13 +266,33 @@ class ControlHandler:
                                "mode": mode})
         link.kick()
 
+    def _reserved_ports(self) -> dict[int, str]:
+        """The relay's own listening ports (as bound), which no tunnel may take."""
+        relay = self.relay
+        reserved: dict[int, str] = {}
+        if relay.dashboard is not None:
+            port = _url_port(relay.dashboard.url)
+            if port is not None:
+                reserved[port] = "dashboard"
+        port = _url_port(relay.url)
+        if port is not None:
+            reserved[port] = "control"
+        return reserved
+
     async def _claim(self, name: str, mode: str, port: int | None, target: str) -> int:
         relay = self.relay
         host = relay.config.public_host
+        reserved = self._reserved_ports()
+        ranges = relay.config.ports.ranges
         if mode == "fixed" and isinstance(port, int):
+            refusal = claim_refusal(port, ranges, reserved)
+            if refusal is not None:
+                raise ClaimRefused(port, refusal)
             lease, created = relay.leases.claim_fixed(name, port, target)
         elif mode == "auto":
             def usable(candidate: int) -> bool:
+                if claim_refusal(candidate, ranges, reserved) is not None:
+                    return False
                 return candidate in relay.servers or port_is_free(host, candidate)
             lease, created = relay.leases.claim_auto(name, target, usable)
         else:
@@ -289,6 +310,13 @@ class ControlHandler:
             raise ClaimRefused(lease.port, "already in use by another program on the relay"
                                f" ({exc.strerror or exc})") from exc
         return lease.port
+
+
+def _url_port(url: str) -> int | None:
+    try:
+        return urlsplit(url).port
+    except ValueError:
+        return None
 
 
 def _source(ws: ServerConnection) -> str:

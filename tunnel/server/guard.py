@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -24,11 +24,13 @@ __all__ = [
     "OPENS_PER_SOURCE",
     "PENALTY_BASE",
     "PENALTY_CAP",
+    "PRIVILEGED_BELOW",
     "OpenRate",
     "Penalties",
     "PreAuthSlots",
     "SourceSlots",
     "TokenBucket",
+    "claim_refusal",
 ]
 
 MAX_PREAUTH_PER_SOURCE = 32
@@ -48,6 +50,11 @@ OPENS_PER_PORT = 1000.0
 #: Sources whose open rate is tracked at once; the least recently seen are forgotten first.
 MAX_RATE_SOURCES = 10_000
 _MAX_DOUBLINGS = 64
+#: Ports below this are privileged (system services: 22, 80, 443...). A client may claim one
+#: only where the relay's ``ports`` list it in a range of privileged ports alone, e.g. ``80``
+#: or ``"80-443"``; a wide range such as ``"1-65535"`` grants only its unprivileged part.
+PRIVILEGED_BELOW = 1024
+_MAX_PORT = 65535
 
 
 class SourceSlots:
@@ -191,3 +198,22 @@ class Penalties:
 
     def __len__(self) -> int:
         return len(self._table)
+
+
+def claim_refusal(port: int, relay_ranges: Iterable[tuple[int, int]],
+                  reserved: Mapping[int, str]) -> str | None:
+    """Why the relay must not publish ``port`` whatever the leases say (B-12), or None.
+
+    ``reserved`` maps the relay's own ports (control, dashboard) to their role: publishing
+    one would hijack or shadow it. The client's grant is checked later by the lease book.
+    """
+    if isinstance(port, bool) or not 1 <= port <= _MAX_PORT:
+        return f"{port!r} is not a port number 1-{_MAX_PORT}"
+    role = reserved.get(port)
+    if role is not None:
+        return f"port {port} is the relay's {role} port"
+    if port < PRIVILEGED_BELOW and not any(lo <= port <= hi < PRIVILEGED_BELOW
+                                           for lo, hi in relay_ranges):
+        return (f"port {port} is privileged (below {PRIVILEGED_BELOW}) and the relay's ports "
+                f"do not list it explicitly")
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import random
@@ -50,6 +51,8 @@ from tunnel.common.secret import Secret
 from tunnel.common.yamlsafe import MAX_CONFIG_BYTES
 from tunnel.server.control import HANDSHAKE_TIMEOUT as OPEN_TIMEOUT
 from tunnel.server.guard import (
+    MAX_PREAUTH_PER_SOURCE,
+    MAX_PREAUTH_TOTAL,
     MAX_VISITORS_PER_SOURCE,
     OPENS_PER_SOURCE,
 )
@@ -67,9 +70,13 @@ _CLOSED = (OSError, EOFError, asyncio.IncompleteReadError, ssl.SSLError)
 # ----------------------------------------------------------------------------- helpers
 
 
+@functools.cache
 def _tls_context() -> ssl.SSLContext:
-    """For raw attacker sockets: they do TLS properly but do not care who the relay is."""
-    context = ssl.create_default_context()
+    """For raw attacker sockets: they do TLS properly but do not care who the relay is.
+
+    One context for all: loading the system CA store per connection costs ~20 ms of the
+    test process's CPU, which would throttle a flood to a trickle."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
@@ -524,4 +531,145 @@ async def test_B10_non_websocket_garbage_on_the_control_port(tmp_path: Path,
     assert results["plain GET of the link path"].status.startswith("HTTP/1.1 426")
     assert await _poll(lambda: fd_count(relay.pid) <= baseline + 2, 5), \
         (fd_count(relay.pid), baseline)
+    assert await _timed_login(url) < LOGIN_BOUND
+
+
+# ----------------------------------------------------------------------------- B-8
+
+_UPGRADE = (b"GET /tunnel HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n")
+
+
+@dataclass
+class _Dribble:
+    source: str
+    connected: float  # monotonic time the connection was up (TCP, and TLS if on)
+    closed: float  # monotonic time the relay closed or reset it (inf: never)
+
+    @property
+    def lasted(self) -> float:
+        return self.closed - self.connected
+
+
+async def _dribble(url: str, source: str, interval: float) -> _Dribble:
+    """Send the upgrade request one byte per ``interval`` until the relay closes us."""
+    try:
+        reader, writer = await _raw_connect(url, source)
+    except _CLOSED:
+        now = time.monotonic()
+        return _Dribble(source, now, now)
+    connected = time.monotonic()
+    closed = math.inf
+    try:
+        async with asyncio.timeout(OPEN_TIMEOUT + 5):
+            for byte in _UPGRADE:
+                writer.write(bytes([byte]))
+                try:
+                    chunk = await asyncio.wait_for(reader.read(1024), interval)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+            closed = time.monotonic()
+    except _CLOSED:
+        closed = time.monotonic()
+    except TimeoutError:
+        pass  # never closed: `closed` stays inf and the test fails on it
+    finally:
+        await close_writer(writer)
+    return _Dribble(source, connected, closed)
+
+
+def _held(dribbles: list[_Dribble]) -> list[_Dribble]:
+    """Those the relay held until its deadline: refused ones end right after connecting."""
+    return [d for d in dribbles if d.lasted > OPEN_TIMEOUT / 2]
+
+
+def _peak_held(dribbles: list[_Dribble]) -> int:
+    """Most connections the relay held at once."""
+    held = _held(dribbles)
+    events = sorted([(d.connected, 1) for d in held] + [(d.closed, -1) for d in held])
+    peak = now = 0
+    for _, change in events:
+        now += change
+        peak = max(peak, now)
+    return peak
+
+
+async def _flood_control(url: str, sources: list[str], per_source: int,
+                         interval: float) -> list[_Dribble]:
+    """Start ``per_source`` dribblers from each source, in waves of 50 every 0.1 s (500
+    new connections a second) so as not to overflow the relay's accept backlog: a full
+    backlog drops SYNs, the legitimate client's too, which then waits a whole SYN
+    retransmit (1 s, then 3 s): that would test the kernel, not the relay."""
+    tasks: list[asyncio.Task[_Dribble]] = []
+    plan = [source for _ in range(per_source) for source in sources]
+    for start in range(0, len(plan), 50):
+        tasks += [asyncio.create_task(_dribble(url, source, interval))
+                  for source in plan[start:start + 50]]
+        await asyncio.sleep(0.1)
+    return await asyncio.gather(*tasks)
+
+
+def _check_dribbles(label: str, dribbles: list[_Dribble], cap: int) -> None:
+    """At most ``cap`` held at once, the excess reset at once, all closed by the deadline."""
+    refused = [d for d in dribbles if d.lasted <= OPEN_TIMEOUT / 2]
+    slowest_refusal = max((d.lasted for d in refused), default=0.0)
+    slowest = max(d.lasted for d in dribbles)
+    print(f"{label}: {len(dribbles)} dribblers, peak held {_peak_held(dribbles)}, "
+          f"{len(refused)} reset (slowest after {slowest_refusal:.2f} s), all closed within "
+          f"{slowest:.2f} s")
+    assert _peak_held(dribbles) == cap
+    assert slowest_refusal <= AT_ONCE
+    assert slowest <= OPEN_TIMEOUT + 1
+
+
+async def _logins_while(running: asyncio.Future[Any], url: str) -> list[float]:
+    """Log in legitimately every 0.5 s while ``running`` is not done; the times it took."""
+    times: list[float] = []
+    for _ in range(200):
+        if running.done():
+            break
+        times.append(await _timed_login(url))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(running), 0.5)
+    return times
+
+
+@pytest.mark.timeout(300)
+async def test_B8_slowloris_is_capped_per_source_and_timed_out(
+        tmp_path: Path, variant: Variant, size: Size) -> None:
+    """Connections from 127.0.0.2 dribble the upgrade request one byte per interval (fast:
+    200 at 1 s, full: 2000 at 5 s). At most 32 are held at once, the excess is reset at
+    once (within 1 s), every held one is closed within open_timeout + 1 s, and a client
+    from another address logs in within 2 s throughout. With TLS on, the dribble comes
+    after a completed TLS handshake (a stalled TLS handshake is bounded by the same
+    open_timeout through ``ssl_handshake_timeout``)."""
+    (port,) = free_ports(1)
+    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
+    count, interval = size.pick((200, 1.0), (2000, 5.0))
+    flood = asyncio.ensure_future(_flood_control(url, ["127.0.0.2"], count, interval))
+    try:
+        logins = await _logins_while(flood, url)
+        dribbles = await flood
+    finally:
+        flood.cancel()
+    _check_dribbles(f"B-8 {variant.id}", dribbles, MAX_PREAUTH_PER_SOURCE)
+    print(f"B-8 {variant.id}: {len(logins)} logins meanwhile, slowest {max(logins):.2f} s")
+    assert logins and max(logins) < LOGIN_BOUND, logins
+
+
+async def test_B8_unauthenticated_connections_are_capped_in_total(
+        tmp_path: Path, variant: Variant) -> None:
+    """17 addresses, 32 dribblers each (544): the relay holds at most 512 at once and resets
+    the excess at once; all are closed within open_timeout + 1 s, after which a legitimate
+    client logs in within 2 s. While all 512 slots are taken a legitimate client is turned
+    away like anyone else, as with OpenSSH's MaxStartups: that is what a total cap means."""
+    (port,) = free_ports(1)
+    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
+    sources = [f"127.0.0.{10 + i}" for i in range(MAX_PREAUTH_TOTAL // MAX_PREAUTH_PER_SOURCE
+                                                   + 1)]
+    dribbles = await _flood_control(url, sources, MAX_PREAUTH_PER_SOURCE, 1.0)
+    _check_dribbles(f"B-8 total {variant.id}", dribbles, MAX_PREAUTH_TOTAL)
     assert await _timed_login(url) < LOGIN_BOUND

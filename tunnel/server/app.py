@@ -39,7 +39,7 @@ from .guard import (
     SourceSlots,
 )
 from .leases import LeaseBook, SqliteLeaseStore
-from .listeners import bind_public_port
+from .listeners import LISTEN_BACKLOG, bind_public_port
 from .monitor import Monitor
 from .registry import Registry
 
@@ -126,6 +126,8 @@ class Relay:
             compression=None, max_size=MAX_MESSAGE_SIZE, ping_interval=None,
             open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0,
             server_header=None, ssl=ssl_context,
+            # A burst of connects (B-8) must not drop a legitimate client's SYN (1 s retry).
+            backlog=LISTEN_BACKLOG,
         )
         task = asyncio.create_task(self._watch_files(), name="config-watch")
         self.background.add(task)

@@ -18,6 +18,7 @@ import re
 import socket
 import ssl
 import struct
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from tests.e2e.harness import (
 )
 from tests.e2e.procstats import fd_count, rss_kib
 from tests.e2e.services import EchoService, close_writer, echo_check
+from tunnel.client.dialer import MAX_PENDING_DIALS
 from tunnel.common import messages as msg
 from tunnel.common.auth import client_proof, derive_key, new_nonce
 from tunnel.common.frames import Frame, FrameType, decode_frames, encode_frame
@@ -673,3 +675,138 @@ async def test_B8_unauthenticated_connections_are_capped_in_total(
     dribbles = await _flood_control(url, sources, MAX_PREAUTH_PER_SOURCE, 1.0)
     _check_dribbles(f"B-8 total {variant.id}", dribbles, MAX_PREAUTH_TOTAL)
     assert await _timed_login(url) < LOGIN_BOUND
+
+
+# ----------------------------------------------------------------------------- B-6
+
+#: A separate process opens and resets connections as fast as asked, so the flood does not
+#: compete with the test's own latency probes for the test's event loop. It prints
+#: "attempts connected failed seconds" at the end; every loop is bounded by count and time.
+_FLOODER = r"""
+import socket, struct, sys, time
+host, port, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rate, seconds = float(sys.argv[4]), float(sys.argv[5])
+linger = struct.pack("ii", 1, 0)
+attempts = connected = failed = 0
+live = []  # the last 32 connections: each lives 32 opens, so the relay meets it alive
+start = time.monotonic()
+while attempts < int(rate * seconds) and time.monotonic() - start < seconds + 5:
+    due = start + attempts / rate
+    now = time.monotonic()
+    if due > now:
+        time.sleep(due - now)
+    attempts += 1
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    sock.settimeout(1.0)
+    try:
+        sock.bind((source, 0))
+        sock.connect((host, port))
+        connected += 1
+        live.append(sock)
+    except OSError:
+        failed += 1
+        sock.close()
+    if len(live) > 32:
+        live.pop(0).close()  # SO_LINGER 0: an RST
+for sock in live:
+    sock.close()
+print(attempts, connected, failed, round(time.monotonic() - start, 3), flush=True)
+"""
+
+
+class ConcurrencyEchoService(EchoService):
+    """An echo service that records the most connections it ever had open at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open_now = 0
+        self.most_open = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        try:
+            await super().handle(reader, writer)
+        finally:
+            self.open_now -= 1
+
+
+async def _probe_latency(port: int, until: asyncio.Future[Any]) -> list[float]:
+    """Connect, echo 32 bytes, close, every 10 ms until ``until`` is done: seconds each."""
+    samples: list[float] = []
+    for _ in range(10_000):
+        if until.done():
+            break
+        started = time.monotonic()
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0)), 5)
+        try:
+            writer.write(b"p" * 32)
+            await writer.drain()
+            assert await asyncio.wait_for(reader.readexactly(32), 5) == b"p" * 32
+        finally:
+            await close_writer(writer)
+        samples.append(time.monotonic() - started)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(until), 0.01)
+    return samples
+
+
+@pytest.mark.timeout(300)
+async def test_B6_open_reset_flood_is_rate_capped_and_spares_other_clients(
+        tmp_path: Path, variant: Variant, size: Size) -> None:
+    """Rapid Reset: 127.0.0.2 opens and resets connections against alpha's port (fast:
+    1000/s for 2 s, five times the per-source cap; full: the catalogue's 5000/s for 10 s).
+    Pass: opens from one source are capped (200/s, burst of
+    one second, so at most 200 x (seconds + 1) reach the client; the excess is reset at
+    once and counted in the relay's log); alpha's local service never sees more than 64
+    connections at once (the client's cap on local dials in flight); beta's port keeps a
+    p99 latency (connect + echo) under 200 ms meanwhile; afterwards alpha's port serves."""
+    target = ConcurrencyEchoService()
+    await target.start()
+    other = EchoService()
+    await other.start()
+    flooded, spared = free_ports(2)
+    relay, url = await start_server(tmp_path, server_config(tmp_path, [flooded, spared]))
+    alpha = await start_client(url, ALPHA_TOKEN, [f"{target.target}:fixed-{flooded}"])
+    beta = await start_client(url, BETA_TOKEN, [f"{other.target}:fixed-{spared}"])
+    assert await wait_tunnel(alpha, target.target) == flooded
+    assert await wait_tunnel(beta, other.target) == spared
+    rate, seconds = size.pick((1000, 2.0), (5000, 10.0))
+    flooder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FLOODER, "127.0.0.1", str(flooded), "127.0.0.2", str(rate),
+        str(seconds), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    started = time.monotonic()
+    try:
+        report = asyncio.ensure_future(flooder.communicate())
+        probes = await asyncio.gather(*(_probe_latency(spared, report) for _ in range(2)))
+        samples = probes[0] + probes[1]
+        out, err = await asyncio.wait_for(report, seconds + 10)
+        # The relay may still be working through its accept queue: wait until the count of
+        # connections reaching alpha's service stops moving, and count that time too.
+        for _ in range(100):
+            before = target.connections
+            await asyncio.sleep(0.3)
+            if target.connections == before:
+                break
+        elapsed = time.monotonic() - started
+    finally:
+        if flooder.returncode is None:
+            flooder.kill()  # only the flooder this test started, by its own handle
+            await flooder.wait()
+    assert flooder.returncode == 0, err
+    attempts, connected, failed = (int(x) for x in out.split()[:3])
+    took = float(out.split()[3])
+    reached = target.connections
+    p99 = _p99(samples)
+    print(f"B-6 {variant.id}: {attempts} opens in {took} s ({attempts / took:.0f}/s, "
+          f"{connected} connected, {failed} failed); {reached} reached alpha's service in "
+          f"{elapsed:.1f} s, at most {target.most_open} at once; beta p99 {p99 * 1000:.1f} ms "
+          f"over {len(samples)} probes")
+    assert connected > OPENS_PER_SOURCE * (elapsed + 1)  # it really was a flood
+    assert reached <= OPENS_PER_SOURCE * (elapsed + 1)
+    assert target.most_open <= MAX_PENDING_DIALS
+    assert any("opening connections too fast" in line for line in relay.stderr_lines)
+    assert samples and p99 < 0.2, sorted(samples)[-5:]
+    await echo_check(flooded, 64 * KIB)

@@ -67,9 +67,14 @@ class VisitorSocket(StreamSocket):
             abort_with_reset(transport)
             return
         peer = transport.get_extra_info("peername")
-        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        if not isinstance(peer, tuple):
+            # No address: the visitor reset the connection while it sat in the accept queue
+            # (Rapid Reset, B-6). Opening a stream for it would only make the client dial.
+            self._refuse(transport, "visitor refused: reset before it was accepted")
+            return
+        address = f"{peer[0]}:{peer[1]}"
         self.peer = address
-        source = str(peer[0]) if isinstance(peer, tuple) else "?"
+        source = str(peer[0])
         if self.rate is not None and not self.rate.allow(self.tunnel.port, source):
             # Checked before a stream exists: a refused open costs the owner's link nothing.
             refused = self.rate.refused.get(self.tunnel.port, 0)

@@ -56,6 +56,7 @@ from tunnel.server.guard import (
     MAX_PREAUTH_PER_SOURCE,
     MAX_PREAUTH_TOTAL,
     MAX_VISITORS_PER_SOURCE,
+    OPENS_BURST_SECONDS,
     OPENS_PER_SOURCE,
 )
 
@@ -732,6 +733,18 @@ class ConcurrencyEchoService(EchoService):
             self.open_now -= 1
 
 
+async def _sample_fds(pid: int, until: asyncio.Future[Any]) -> int:
+    """The most fds ``pid`` held at once, sampled every 5 ms until ``until`` is done."""
+    most = 0
+    for _ in range(100_000):
+        if until.done():
+            break
+        most = max(most, fd_count(pid))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(until), 0.005)
+    return most
+
+
 async def _probe_latency(port: int, until: asyncio.Future[Any]) -> list[float]:
     """Connect, echo 32 bytes, close, every 10 ms until ``until`` is done: seconds each."""
     samples: list[float] = []
@@ -758,10 +771,12 @@ async def test_B6_open_reset_flood_is_rate_capped_and_spares_other_clients(
         tmp_path: Path, variant: Variant, size: Size) -> None:
     """Rapid Reset: 127.0.0.2 opens and resets connections against alpha's port (fast:
     1000/s for 2 s, five times the per-source cap; full: the catalogue's 5000/s for 10 s).
-    Pass: opens from one source are capped (200/s, burst of
-    one second, so at most 200 x (seconds + 1) reach the client; the excess is reset at
-    once and counted in the relay's log); alpha's local service never sees more than 64
-    connections at once (the client's cap on local dials in flight); beta's port keeps a
+    Pass: opens from one source are capped (200/s, bursts of one second's worth, so at
+    most 200 x (seconds + 1) reach the client; the excess is reset at
+    once and counted in the relay's log); alpha's local service never has more than 64
+    connections open at once (the client's cap on local dials in flight; measured as the
+    client's open sockets, which is what the service's kernel holds, free of the lag of the
+    test's own event loop in noticing closes); beta's port keeps a
     p99 latency (connect + echo) under 200 ms meanwhile; afterwards alpha's port serves."""
     target = ConcurrencyEchoService()
     await target.start()
@@ -777,12 +792,15 @@ async def test_B6_open_reset_flood_is_rate_capped_and_spares_other_clients(
     flooder = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _FLOODER, "127.0.0.1", str(flooded), "127.0.0.2", str(rate),
         str(seconds), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    idle_fds = fd_count(alpha.pid)
     started = time.monotonic()
     try:
         report = asyncio.ensure_future(flooder.communicate())
+        sampler = asyncio.ensure_future(_sample_fds(alpha.pid, report))
         probes = await asyncio.gather(*(_probe_latency(spared, report) for _ in range(2)))
         samples = probes[0] + probes[1]
         out, err = await asyncio.wait_for(report, seconds + 10)
+        local_sockets = await sampler - idle_fds
         # The relay may still be working through its accept queue: wait until the count of
         # connections reaching alpha's service stops moving, and count that time too.
         for _ in range(100):
@@ -802,11 +820,15 @@ async def test_B6_open_reset_flood_is_rate_capped_and_spares_other_clients(
     p99 = _p99(samples)
     print(f"B-6 {variant.id}: {attempts} opens in {took} s ({attempts / took:.0f}/s, "
           f"{connected} connected, {failed} failed); {reached} reached alpha's service in "
-          f"{elapsed:.1f} s, at most {target.most_open} at once; beta p99 {p99 * 1000:.1f} ms "
+          f"{elapsed:.1f} s; alpha held at most {local_sockets} local sockets at once (the "
+          f"service's loop saw {target.most_open}); beta p99 {p99 * 1000:.1f} ms "
           f"over {len(samples)} probes")
-    assert connected > OPENS_PER_SOURCE * (elapsed + 1)  # it really was a flood
-    assert reached <= OPENS_PER_SOURCE * (elapsed + 1)
-    assert target.most_open <= MAX_PENDING_DIALS
-    assert any("opening connections too fast" in line for line in relay.stderr_lines)
+    allowed = OPENS_PER_SOURCE * (elapsed + OPENS_BURST_SECONDS)
+    assert connected > 2 * allowed  # it really was a flood
+    assert reached <= allowed
+    assert local_sockets <= MAX_PENDING_DIALS
+    # Refusals are counted and logged (rate-limited: one line per 10 s, with the count).
+    assert any(re.search(rf"port {flooded}: visitor .*refused", line)
+               for line in relay.stderr_lines)
     assert samples and p99 < 0.2, sorted(samples)[-5:]
     await echo_check(flooded, 64 * KIB)

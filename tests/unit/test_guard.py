@@ -9,6 +9,7 @@ from tunnel.server.guard import (
     MAX_PENALTY_ENTRIES,
     MAX_PREAUTH_PER_SOURCE,
     MAX_PREAUTH_TOTAL,
+    OPENS_BURST_SECONDS,
     OPENS_PER_PORT,
     OPENS_PER_SOURCE,
     PENALTY_BASE,
@@ -226,12 +227,18 @@ def test_token_bucket_ignores_a_clock_going_back(clock: FakeClock) -> None:
     assert not bucket.take(clock())
 
 
-def test_open_rate_defaults() -> None:
-    assert (OPENS_PER_SOURCE, OPENS_PER_PORT) == (200, 1000)
+def test_open_rate_defaults(clock: FakeClock) -> None:
+    assert (OPENS_PER_SOURCE, OPENS_PER_PORT, OPENS_BURST_SECONDS) == (200, 2000, 1.0)
+    rate = OpenRate(clock)
+    assert sum(rate.allow(7000, "a") for _ in range(1000)) == 200  # a second's worth
+    clock.advance(5.0)
+    assert sum(rate.allow(7000, "a") for _ in range(1000)) == 200  # refilled up to the burst
+    clock.advance(0.1)
+    assert sum(rate.allow(7000, "a") for _ in range(1000)) == 20  # 200/s
 
 
 def test_open_rate_caps_each_source(clock: FakeClock) -> None:
-    rate = OpenRate(clock, per_source=5, per_port=100)
+    rate = OpenRate(clock, per_source=5, per_port=100, burst_seconds=1.0)
     assert [rate.allow(7000, "a") for _ in range(7)] == [True] * 5 + [False] * 2
     assert rate.allow(7000, "b")  # another source is not affected
     assert rate.allow(7001, "a") is False  # the source's budget spans ports
@@ -241,14 +248,14 @@ def test_open_rate_caps_each_source(clock: FakeClock) -> None:
 
 
 def test_open_rate_caps_each_port_across_sources(clock: FakeClock) -> None:
-    rate = OpenRate(clock, per_source=5, per_port=8)
+    rate = OpenRate(clock, per_source=5, per_port=8, burst_seconds=1.0)
     granted = sum(rate.allow(7000, f"10.0.0.{i}") for i in range(4) for _ in range(5))
     assert granted == 8
     assert rate.allow(7001, "10.0.0.9")  # other ports have their own budget
 
 
 def test_open_rate_flooding_source_does_not_spend_the_port_budget(clock: FakeClock) -> None:
-    rate = OpenRate(clock, per_source=2, per_port=4)
+    rate = OpenRate(clock, per_source=2, per_port=4, burst_seconds=1.0)
     assert sum(rate.allow(7000, "flood") for _ in range(1000)) == 2
     assert sum(rate.allow(7000, f"v{i}") for i in range(2)) == 2
 

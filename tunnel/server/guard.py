@@ -20,6 +20,7 @@ __all__ = [
     "MAX_PREAUTH_TOTAL",
     "MAX_RATE_SOURCES",
     "MAX_VISITORS_PER_SOURCE",
+    "OPENS_BURST_SECONDS",
     "OPENS_PER_PORT",
     "OPENS_PER_SOURCE",
     "PENALTY_BASE",
@@ -46,7 +47,10 @@ MAX_PENALTY_ENTRIES = 10_000
 #: an open/reset flood, CVE-2023-44487 "Rapid Reset", must not become a stream flood).
 OPENS_PER_SOURCE = 200.0
 #: Visitor connections one public port accepts per second from all sources together.
-OPENS_PER_PORT = 1000.0
+OPENS_PER_PORT = 2000.0
+#: Opens allowed at once after a quiet spell, in seconds' worth of the rate: one second, so
+#: a source may open its 200 at once (a load test, a browser's burst) but not sustain it.
+OPENS_BURST_SECONDS = 1.0
 #: Sources whose open rate is tracked at once; the least recently seen are forgotten first.
 MAX_RATE_SOURCES = 10_000
 _MAX_DOUBLINGS = 64
@@ -93,7 +97,7 @@ PreAuthSlots = SourceSlots  # the name the login path uses
 
 
 class TokenBucket:
-    """``rate`` events per second on average, bursts of up to ``burst`` (one second's worth).
+    """``rate`` events per second on average, bursts of up to ``burst`` events.
 
     Refilled lazily from the clock passed in, so it costs nothing while idle.
     """
@@ -127,10 +131,12 @@ class OpenRate:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, *,
                  per_source: float = OPENS_PER_SOURCE, per_port: float = OPENS_PER_PORT,
+                 burst_seconds: float = OPENS_BURST_SECONDS,
                  max_sources: int = MAX_RATE_SOURCES) -> None:
         self._clock = clock
         self._per_source = per_source
         self._per_port = per_port
+        self._burst_seconds = burst_seconds
         self._max_sources = max_sources
         self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
         self._ports: dict[int, TokenBucket] = {}
@@ -142,17 +148,21 @@ class OpenRate:
         now = self._clock()
         bucket = self._sources.pop(source, None)
         if bucket is None:
-            bucket = TokenBucket(self._per_source, self._per_source, now)
+            bucket = TokenBucket(self._per_source, self._burst(self._per_source), now)
         self._sources[source] = bucket
         while len(self._sources) > self._max_sources:
             self._sources.popitem(last=False)
         port_bucket = self._ports.get(port)
         if port_bucket is None:
-            port_bucket = self._ports[port] = TokenBucket(self._per_port, self._per_port, now)
+            port_bucket = self._ports[port] = TokenBucket(self._per_port,
+                                                          self._burst(self._per_port), now)
         if bucket.take(now) and port_bucket.take(now):
             return True
         self.refused[port] = self.refused.get(port, 0) + 1
         return False
+
+    def _burst(self, rate: float) -> float:
+        return max(1.0, rate * self._burst_seconds)
 
 
 @dataclass(slots=True)

@@ -17,7 +17,6 @@ import re
 import secrets
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from tests.dashboard.client import basic, request
 from tests.e2e.conftest import Size
@@ -47,8 +46,8 @@ from tests.e2e.harness import (
     wait_tunnel,
 )
 from tests.e2e.procstats import fd_count, rss_kib
-from tests.e2e.rawpeer import control as _control
 from tests.e2e.rawpeer import first_control as _first_control
+from tests.e2e.rawpeer import login as raw_login
 from tests.e2e.services import (
     CHUNK,
     EchoService,
@@ -63,9 +62,6 @@ from tests.e2e.services import (
 )
 from tunnel.client.connector import BACKOFF_CAP
 from tunnel.client.dialer import DIAL_ERROR_LOG_INTERVAL, DIAL_TIMEOUT
-from tunnel.common import messages as msg
-from tunnel.common.auth import client_proof, derive_key, new_nonce
-from tunnel.common.secret import Secret
 
 MIB = 1024 * 1024
 H, T = 1.0, 3.0  # server_config's heartbeat interval and timeout
@@ -158,18 +154,7 @@ class CountingService(TcpService):
 
 async def _raw_login(url: str, token: str) -> ClientConnection:
     """Open a raw link (TLS unverified: the test knows its relay) and log in by hand."""
-    context: ssl.SSLContext | None = None
-    if url.startswith("wss://"):
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    ws = await connect(url, compression=None, ping_interval=None, proxy=None, ssl=context)
-    challenge = _first_control(await ws.recv())
-    nonce = msg.b64decode(str(challenge["nonce"]), "nonce")
-    client_nonce = new_nonce()
-    proof = client_proof(derive_key(Secret(token)), nonce, client_nonce)
-    await ws.send(_control({"type": "auth", "nonce": msg.b64encode(client_nonce),
-                            "proof": msg.b64encode(proof), "client_version": "raw-test"}))
+    ws, _ = await raw_login(url, token)
     return ws
 
 

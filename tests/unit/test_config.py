@@ -243,10 +243,10 @@ def test_yaml_lines_are_recorded() -> None:
     ("a: !custom 1", "tag !custom is not allowed"),
     ("<<: {a: 1}", "merge keys (<<) are not allowed"),
     ("? [1]\n: 2", "mapping keys must be plain scalars"),
-    ("a: 1\n---\nb: 2", "invalid YAML at line 2 column 1"),
+    ("a: 1\n---\nb: 2", "invalid YAML at line 2, column 1"),
     ("a: " + "[" * 100 + "]" * 100, "nesting deeper than"),
     ("a: \x01", "unacceptable character"),
-    ("a: !!int nope", "a: integer 'nope' must be written in plain decimal (line 1)"),
+    ("a: !!int nope", "a: integer 'nope' must be written in plain decimal (line 1, column 4)"),
     ("&x a: 1", "anchors and aliases are not allowed"),
 ])
 def test_yaml_rejections(text: str, expected: str) -> None:
@@ -269,3 +269,45 @@ def test_missing_file_and_bad_utf8(tmp_path: Path) -> None:
     bad.write_bytes(b"listen: \xff\n")
     with pytest.raises(ConfigError, match="not valid UTF-8"):
         load_server_config(bad, env={})
+
+
+# --- B-11: every rejection names file, line and column ----------------------------------
+
+
+@pytest.mark.parametrize(("body", "where"), [
+    ("ports: [on]", "(line 2, column 9)"),
+    ("ports: [08080]", "(line 2, column 9)"),
+    ("ports: [0x1F90]", "(line 2, column 9)"),
+    ("ports: [8080.0]", "(line 2, column 9)"),
+    ("ports: !!python/object:os.system [8080]", "(line 2, column 8)"),
+    ("ports: [8080]\nports: [8081]", "duplicate key (line 3, column 1, first at line 2)"),
+    ("ports: &p [8080]\nother: *p", "(line 2, column 8)"),
+    ("ports: [8080", "at line 3, column 1"),
+])
+def test_B11_config_errors_give_line_and_column(tmp_path: Path, body: str, where: str) -> None:
+    path = _write(tmp_path, f'listen: "127.0.0.1:7000"\n{body}\n')
+    with pytest.raises(ConfigError) as info:
+        load_server_config(path, env={})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    assert where in message
+
+
+def test_B11_control_character_and_bad_utf8_give_line_and_column(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"at line 2, column 4: unacceptable character"):
+        load_yaml_text("a: 1\nb: \x01", "t.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"a: 1\nlisten: \xff\n")
+    with pytest.raises(ConfigError, match=r"not valid UTF-8 at line 2, column 9 \(byte 13\)"):
+        load_server_config(bad, env={})
+
+
+def test_B11_oversized_file_is_refused_before_reading(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as handle:  # sparse: 100 MiB without writing them
+        handle.truncate(100 * 1024 * 1024)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="config files are limited to 1048576 bytes"):
+        load_server_config(big, env={})
+    assert time.monotonic() - started < 1.0

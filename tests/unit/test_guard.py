@@ -9,10 +9,16 @@ from tunnel.server.guard import (
     MAX_PENALTY_ENTRIES,
     MAX_PREAUTH_PER_SOURCE,
     MAX_PREAUTH_TOTAL,
+    OPENS_BURST_SECONDS,
+    OPENS_PER_PORT,
+    OPENS_PER_SOURCE,
     PENALTY_BASE,
     PENALTY_CAP,
+    OpenRate,
     Penalties,
     PreAuthSlots,
+    TokenBucket,
+    claim_refusal,
 )
 
 
@@ -200,3 +206,95 @@ def test_penalty_stays_capped_after_very_many_failures(clock: FakeClock) -> None
         clock.advance(PENALTY_CAP)
     penalties.failed("persistent")
     assert penalties.retry_after("persistent") == PENALTY_CAP
+
+
+# ------------------------------------------------------------------ visitor open rate (B-6)
+
+
+def test_token_bucket_allows_a_burst_then_the_rate(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=10, burst=10, now=clock())
+    assert sum(bucket.take(clock()) for _ in range(50)) == 10
+    clock.advance(0.5)
+    assert sum(bucket.take(clock()) for _ in range(50)) == 5
+    clock.advance(100)  # idle time refills only up to the burst
+    assert sum(bucket.take(clock()) for _ in range(50)) == 10
+
+
+def test_token_bucket_ignores_a_clock_going_back(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=10, burst=1, now=clock())
+    assert bucket.take(clock())
+    clock.advance(-5)
+    assert not bucket.take(clock())
+
+
+def test_open_rate_defaults(clock: FakeClock) -> None:
+    assert (OPENS_PER_SOURCE, OPENS_PER_PORT, OPENS_BURST_SECONDS) == (200, 2000, 1.0)
+    rate = OpenRate(clock)
+    assert sum(rate.allow(7000, "a") for _ in range(1000)) == 200  # a second's worth
+    clock.advance(5.0)
+    assert sum(rate.allow(7000, "a") for _ in range(1000)) == 200  # refilled up to the burst
+    clock.advance(0.1)
+    assert sum(rate.allow(7000, "a") for _ in range(1000)) == 20  # 200/s
+
+
+def test_open_rate_caps_each_source(clock: FakeClock) -> None:
+    rate = OpenRate(clock, per_source=5, per_port=100, burst_seconds=1.0)
+    assert [rate.allow(7000, "a") for _ in range(7)] == [True] * 5 + [False] * 2
+    assert rate.allow(7000, "b")  # another source is not affected
+    assert rate.allow(7001, "a") is False  # the source's budget spans ports
+    assert rate.refused == {7000: 2, 7001: 1}
+    clock.advance(1.0)
+    assert sum(rate.allow(7000, "a") for _ in range(10)) == 5
+
+
+def test_open_rate_caps_each_port_across_sources(clock: FakeClock) -> None:
+    rate = OpenRate(clock, per_source=5, per_port=8, burst_seconds=1.0)
+    granted = sum(rate.allow(7000, f"10.0.0.{i}") for i in range(4) for _ in range(5))
+    assert granted == 8
+    assert rate.allow(7001, "10.0.0.9")  # other ports have their own budget
+
+
+def test_open_rate_flooding_source_does_not_spend_the_port_budget(clock: FakeClock) -> None:
+    rate = OpenRate(clock, per_source=2, per_port=4, burst_seconds=1.0)
+    assert sum(rate.allow(7000, "flood") for _ in range(1000)) == 2
+    assert sum(rate.allow(7000, f"v{i}") for i in range(2)) == 2
+
+
+def test_open_rate_source_table_is_bounded(clock: FakeClock) -> None:
+    rate = OpenRate(clock, per_source=1, per_port=10**9, max_sources=3)
+    for i in range(100):
+        assert rate.allow(7000, f"s{i}")
+    assert len(rate._sources) == 3
+
+
+# ------------------------------------------------------------------ port policy (B-12)
+
+_RESERVED = {7000: "control", 7001: "dashboard"}
+
+
+@pytest.mark.parametrize(("port", "ranges", "reason"), [
+    (0, [(1, 65535)], "0 is not a port number 1-65535"),
+    (65536, [(1, 65535)], "65536 is not a port number"),
+    (-1, [(1, 65535)], "-1 is not a port number"),
+    (True, [(1, 65535)], "True is not a port number"),
+    (7000, [(1, 65535)], "port 7000 is the relay's control port"),
+    (7001, [(1024, 65535)], "port 7001 is the relay's dashboard port"),
+    (80, [(1, 65535)], "port 80 is privileged (below 1024)"),
+    (80, [(1000, 2000)], "port 80 is privileged"),
+    (1023, [(1000, 2000)], "port 1023 is privileged"),
+])
+def test_claim_refusal_names_the_reason(port: int, ranges: list[tuple[int, int]],
+                                        reason: str) -> None:
+    refusal = claim_refusal(port, ranges, _RESERVED)
+    assert refusal is not None and reason in refusal
+
+
+@pytest.mark.parametrize(("port", "ranges"), [
+    (80, [(80, 80)]),
+    (443, [(22, 22), (80, 443), (6000, 6100)]),
+    (1024, [(1, 65535)]),
+    (6000, [(6000, 6100)]),
+])
+def test_claim_refusal_lets_ordinary_and_explicit_ports_through(
+        port: int, ranges: list[tuple[int, int]]) -> None:
+    assert claim_refusal(port, ranges, _RESERVED) is None

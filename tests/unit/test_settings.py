@@ -168,7 +168,7 @@ def test_missing_settings_name_what_to_set(server: str | None, token: str | None
     ("server: h:1\ntokn: x\n", "tokn: unknown key; allowed keys: server, token"),
     (f"server: h:1\ntoken: '{FILE_TOKEN}'\nexpose: '6006'\n", "expose: expected a list"),
     (f"server: h:1\ntoken: '{FILE_TOKEN}'\nexpose:\n  - 8888:30\n",
-     "expose[0]: integer '8888:30' must be written in plain decimal (line 4); quote it"),
+     "expose[0]: integer '8888:30' must be written in plain decimal (line 4, column 5); quote it"),
     (f"server: h:1\ntoken: '{FILE_TOKEN}'\nexpose: ['8888:bogus']\n",
      "expose[0]: 8888:bogus: REMOTE must be fixed-N, N or auto"),
     (f"server: 7000\ntoken: '{FILE_TOKEN}'\nexpose: ['1']\n", "server: expected"),

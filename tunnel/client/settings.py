@@ -175,7 +175,7 @@ class _FileSettings:
 def _load_file(config_path: str) -> _FileSettings:
     path = Path(config_path)
     doc = load_yaml_document_file(path)
-    ctx = ConfigContext(config_path, path.absolute().parent, doc.lines)
+    ctx = ConfigContext(config_path, path.absolute().parent, doc.lines, doc.columns)
     data = ctx.expect_mapping(doc.data, "", "a mapping of settings at the top level")
     ctx.reject_unknown(data, "", _FILE_KEYS)
     if "key" in data or "token" in data:

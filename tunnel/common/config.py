@@ -229,7 +229,7 @@ def load_clients_file(path: Path, env: Mapping[str, str]) -> dict[str, ClientEnt
     if not path.exists():
         return {}
     doc = load_yaml_document_file(path)
-    ctx = ConfigContext(str(path), path.parent, doc.lines)
+    ctx = ConfigContext(str(path), path.parent, doc.lines, doc.columns)
     return _client_mapping(ctx, "", doc.data, env)
 
 
@@ -360,9 +360,10 @@ def _required(ctx: ConfigContext, data: Mapping[str, object], key: str, hint: st
 
 
 def parse_server_config(data: object, source: str, base_dir: Path, env: Mapping[str, str],
-                        lines: Mapping[str, int] | None = None) -> ServerConfig:
-    """Validate an already loaded document; ``lines`` (key path -> line) enrich errors."""
-    ctx = ConfigContext(source, base_dir, lines or {})
+                        lines: Mapping[str, int] | None = None,
+                        columns: Mapping[str, int] | None = None) -> ServerConfig:
+    """Validate an already loaded document; ``lines``/``columns`` (by key path) enrich errors."""
+    ctx = ConfigContext(source, base_dir, lines or {}, columns or {})
     top = ctx.expect_mapping(data, "", "a mapping of settings at the top level")
     ctx.reject_unknown(top, "", _SERVER_KEYS)
     tls = _tls(ctx, top)
@@ -404,7 +405,7 @@ def load_server_config(path: str | Path, env: Mapping[str, str] | None = None) -
     file = Path(path)
     doc = load_yaml_document_file(file)
     config = parse_server_config(doc.data, str(path), file.absolute().parent,
-                                 os.environ if env is None else env, doc.lines)
+                                 os.environ if env is None else env, doc.lines, doc.columns)
     inline = doc.data.get("clients") if isinstance(doc.data, dict) else None
     if isinstance(inline, dict) and any(isinstance(v, dict) and "token" in v
                                         for v in inline.values()):

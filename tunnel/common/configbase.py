@@ -11,7 +11,7 @@ import logging
 import re
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -78,15 +78,23 @@ def _kind(value: object) -> str:
 
 @dataclass(frozen=True)
 class ConfigContext:
-    """Where values come from: the file (for messages), its directory and key lines."""
+    """Where values come from: the file (for messages), its directory and key positions."""
 
     source: str
     base_dir: Path
     lines: Mapping[str, int]
+    columns: Mapping[str, int] = field(default_factory=dict)
 
     def error(self, key: str, message: str) -> ConfigError:
+        """An error naming the key's line and column, so an editor can jump right to it."""
         line = self.lines.get(key)
-        suffix = f" (line {line})" if line is not None else ""
+        column = self.columns.get(key)
+        if line is None:
+            suffix = ""
+        elif column is None:
+            suffix = f" (line {line})"
+        else:
+            suffix = f" (line {line}, column {column})"
         return ConfigError(self.source, key, message + suffix)
 
     def expect_mapping(self, value: object, key: str, what: str) -> Mapping[str, object]:

@@ -530,7 +530,7 @@ class Link:
         also checked each time the library has written, in the read path (reliability B-7).
         """
         ws = self.ws
-        original = type(ws).send_data
+        original: Callable[[Any], None] = type(ws).send_data
 
         def send_data() -> None:
             original(ws)

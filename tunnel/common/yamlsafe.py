@@ -69,10 +69,11 @@ def item_path(parent: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class YamlDocument:
-    """A loaded document plus the 1-based line of every key path, for error messages."""
+    """A loaded document plus the 1-based line and column of every key path, for errors."""
 
     data: object
     lines: Mapping[str, int] = field(default_factory=dict)
+    columns: Mapping[str, int] = field(default_factory=dict)
 
     def line_of(self, key_path: str) -> int | None:
         return self.lines.get(key_path)
@@ -126,9 +127,14 @@ def _line(mark: _Mark | None) -> int | None:
     return None if mark is None else mark.line + 1
 
 
+def _column(mark: _Mark | None) -> int | None:
+    return None if mark is None else mark.column + 1
+
+
 def _at(mark: _Mark | None) -> str:
+    """`` (line L, column C)``: an editor can jump straight to the offending value."""
     line = _line(mark)
-    return "" if line is None else f" (line {line})"
+    return "" if line is None else f" (line {line}, column {_column(mark)})"
 
 
 class _Builder:
@@ -138,6 +144,7 @@ class _Builder:
         self._loader = loader
         self._source = source
         self.lines: dict[str, int] = {}
+        self.columns: dict[str, int] = {}
 
     def build(self, node: Node, path: str) -> object:
         if id(node) in self._loader.anchored:
@@ -188,9 +195,10 @@ class _Builder:
             key = self._key(key_node, path)
             sub = child_path(path, str(key))
             if key in out:
+                mark = key_node.start_mark
                 raise ConfigError(self._source, sub,
-                                  f"duplicate key (line {_line(key_node.start_mark)}, "
-                                  f"first at line {first_line[key]})")
+                                  f"duplicate key (line {_line(mark)}, column "
+                                  f"{_column(mark)}, first at line {first_line[key]})")
             first_line[key] = _line(key_node.start_mark)
             self._remember(sub, key_node)
             out[key] = self.build(value_node, sub)
@@ -211,26 +219,33 @@ class _Builder:
         return key
 
     def _remember(self, path: str, node: Node) -> None:
-        line = _line(node.start_mark)
-        if line is not None:
+        line, column = _line(node.start_mark), _column(node.start_mark)
+        if line is not None and column is not None:
             self.lines.setdefault(path, line)
+            self.columns.setdefault(path, column)
 
 
 def _show_tag(tag: str) -> str:
     return "!!" + tag.removeprefix(_TAG) if tag.startswith(_TAG) else tag
 
 
-def _invalid_yaml(source: str, exc: yaml.YAMLError) -> ConfigError:
+def _position(text: str, offset: int) -> str:
+    """``line L, column C`` of character ``offset`` in ``text`` (both 1-based)."""
+    before = text[:offset]
+    return f"line {before.count(chr(10)) + 1}, column {offset - before.rfind(chr(10))}"
+
+
+def _invalid_yaml(source: str, exc: yaml.YAMLError, text: str) -> ConfigError:
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark = exc.problem_mark
         problem = exc.problem or "syntax error"
         if exc.context:
             problem = f"{problem} ({exc.context})"
         return ConfigError(source, "",
-                           f"invalid YAML at line {mark.line + 1} column {mark.column + 1}: "
+                           f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: "
                            f"{problem}")
     if isinstance(exc, ReaderError):
-        return ConfigError(source, "", f"invalid YAML at character {exc.position}: "
+        return ConfigError(source, "", f"invalid YAML at {_position(text, exc.position)}: "
                                        f"unacceptable character {exc.character!r}")
     return ConfigError(source, "", f"invalid YAML: {exc}")
 
@@ -249,17 +264,17 @@ def load_yaml_document_text(text: str, source: str) -> YamlDocument:
         loader = _StrictLoader(text)
         root = loader.get_single_node()
         if root is None:
-            return YamlDocument(None, {})
+            return YamlDocument(None, {}, {})
         builder = _Builder(loader, source)
         data = builder.build(root, "")
     except _Refused as exc:
         raise ConfigError(source, "", f"{exc.message}{_at(exc.mark)}") from None
     except yaml.YAMLError as exc:
-        raise _invalid_yaml(source, exc) from None
+        raise _invalid_yaml(source, exc, text) from None
     finally:
         if loader is not None:
             loader.dispose()
-    return YamlDocument(data, builder.lines)
+    return YamlDocument(data, builder.lines, builder.columns)
 
 
 def _read_capped(path: Path) -> str:
@@ -280,7 +295,9 @@ def _read_capped(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(source, "", f"not valid UTF-8 at byte {exc.start}") from None
+        prefix = raw[:exc.start].decode("utf-8", "replace")
+        where = _position(prefix, len(prefix))
+        raise ConfigError(source, "", f"not valid UTF-8 at {where} (byte {exc.start})") from None
 
 
 def load_yaml_document_file(path: Path) -> YamlDocument:

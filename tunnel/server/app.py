@@ -34,12 +34,13 @@ from .dashboard import Alerts, Dashboard, start_alerts, start_dashboard
 from .guard import (
     MAX_VISITORS_PER_SOURCE,
     MAX_VISITORS_TOTAL,
+    OpenRate,
     Penalties,
     PreAuthSlots,
     SourceSlots,
 )
 from .leases import LeaseBook, SqliteLeaseStore
-from .listeners import bind_public_port
+from .listeners import LISTEN_BACKLOG, bind_public_port
 from .monitor import Monitor
 from .registry import Registry
 from .stats import LinkCounters
@@ -75,6 +76,7 @@ class Relay:
         self._load_credentials(config)
         self.preauth = PreAuthSlots()
         self.visitor_slots = SourceSlots(MAX_VISITORS_PER_SOURCE, MAX_VISITORS_TOTAL)
+        self.open_rate = OpenRate()
         self.penalties = Penalties()
         self.servers: dict[int, asyncio.Server] = {}
         self.background: set[asyncio.Task[None]] = set()
@@ -123,9 +125,12 @@ class Relay:
         self._ws_server = await serve(
             self.control, self.config.listen_host, self.config.listen_port,
             process_request=self.control.process_request,
+            create_connection=self.control.connection_class,
             compression=None, max_size=MAX_MESSAGE_SIZE, ping_interval=None,
             open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0,
             server_header=None, ssl=ssl_context,
+            # A burst of connects (B-8) must not drop a legitimate client's SYN (1 s retry).
+            backlog=LISTEN_BACKLOG,
         )
         for sock in self._ws_server.sockets:  # links accepted here inherit it
             limit_unsent(sock)
@@ -200,8 +205,8 @@ class Relay:
                 continue
             record = self.registry.reserve(lease.port, lease.client, lease.kind, lease.target)
             try:
-                self.servers[lease.port] = await bind_public_port(host, lease.port, record,
-                                                                  self.visitor_slots)
+                self.servers[lease.port] = await bind_public_port(
+                    host, lease.port, record, self.visitor_slots, self.open_rate)
             except OSError as exc:
                 log.warning("cannot bind leased port %d (client %s): %s", lease.port,
                             lease.client, exc.strerror or exc)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -25,16 +26,18 @@ from ..common.auth import NONCE_SIZE, PROOF_SIZE, identify, login_message, new_n
 from ..common.credentials import verify
 from ..common.errors import ClaimRefused, RemoteProtocolError
 from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
-from ..common.link import Link, LinkClosed
+from ..common.link import Link, LinkClosed, abort_with_reset
 from ..common.mux import GoAwayCode, Mux, Role
 from ..common.telemetry_schema import normalize as normalize_telemetry
 from ..common.wsframing import framing_enabled, set_max_message_size, take_over
-from .listeners import bind_public_port, port_is_free
+from .guard import SourceSlots, claim_refusal
+from .listeners import bind_public_port, limited_log, port_is_free
 
 if TYPE_CHECKING:
     from .app import Relay
 
-__all__ = ["AUTH_FAILED", "HANDSHAKE_TIMEOUT", "PRE_AUTH_MAX_MESSAGE", "ControlHandler"]
+__all__ = ["AUTH_FAILED", "HANDSHAKE_TIMEOUT", "PRE_AUTH_MAX_MESSAGE", "ControlHandler",
+           "PreAuthConnection", "preauth_connection"]
 
 HANDSHAKE_TIMEOUT = 5.0
 #: Largest message accepted before the peer authenticated.
@@ -48,6 +51,44 @@ MIN_TELEMETRY_GAP = 0.1
 log = logging.getLogger("tunnel.server.control")
 
 
+class PreAuthConnection(ServerConnection):
+    """A control connection that holds a pre-auth slot from TCP accept until login ends.
+
+    Counting from accept, not from the finished WebSocket upgrade, is what caps a slowloris
+    that dribbles its upgrade request (B-8, OpenSSH ``MaxStartups``): the excess is reset at
+    once instead of waiting for ``open_timeout``. :func:`preauth_connection` binds ``slots``.
+    """
+
+    slots: SourceSlots = SourceSlots()
+    preauth_source: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if not self.slots.acquire(source):
+            limited_log.warning("control port: too many unauthenticated connections; "
+                                "refusing %s", source)
+            abort_with_reset(transport)
+            return
+        self.preauth_source = source
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.release_preauth()
+        super().connection_lost(exc)
+
+    def release_preauth(self) -> None:
+        """Give the slot back (idempotent): on login success or failure, or on close."""
+        if self.preauth_source is not None:
+            self.slots.release(self.preauth_source)
+            self.preauth_source = None
+
+
+def preauth_connection(slots: SourceSlots) -> type[PreAuthConnection]:
+    """A :class:`PreAuthConnection` class counting against ``slots`` (``create_connection``)."""
+    return type("RelayConnection", (PreAuthConnection,), {"slots": slots})
+
+
 class ControlHandler:
     """The websockets handler of the relay's control listener."""
 
@@ -55,6 +96,8 @@ class ControlHandler:
         self.relay = relay
         self.clock = clock
         self._claim_lock = asyncio.Lock()
+        #: Pass as ``create_connection`` to ``serve``: caps unauthenticated connections.
+        self.connection_class = preauth_connection(relay.preauth)
 
     # ------------------------------------------------------------ before the upgrade
 
@@ -76,7 +119,7 @@ class ControlHandler:
     async def __call__(self, ws: ServerConnection) -> None:
         source = _source(ws)
         relay = self.relay
-        if not relay.preauth.acquire(source):
+        if not self._hold_preauth(ws, source):
             log.warning("too many unauthenticated connections: refusing %s", source)
             await ws.close(CLOSE_TRY_LATER, "try again later")
             return
@@ -92,12 +135,21 @@ class ControlHandler:
             finally:
                 watchdog.cancel()
         finally:
-            relay.preauth.release(source)
+            if isinstance(ws, PreAuthConnection):
+                ws.release_preauth()
+            else:
+                relay.preauth.release(source)
         if hello is None:
             return
         name, version = hello
         set_max_message_size(link.ws, MAX_MESSAGE_SIZE)
         await self._serve(link, name, version, source)
+
+    def _hold_preauth(self, ws: ServerConnection, source: str) -> bool:
+        """Whether ``ws`` holds a pre-auth slot: taken at accept, or now for other classes."""
+        if isinstance(ws, PreAuthConnection):
+            return ws.preauth_source is not None
+        return self.relay.preauth.acquire(source)
 
     async def _login(self, link: Link, source: str) -> tuple[str, str] | None:
         """Run the challenge-response; return (client name, version) or None if refused."""
@@ -226,13 +278,33 @@ class ControlHandler:
                                "mode": mode})
         link.kick()
 
+    def _reserved_ports(self) -> dict[int, str]:
+        """The relay's own listening ports (as bound), which no tunnel may take."""
+        relay = self.relay
+        reserved: dict[int, str] = {}
+        if relay.dashboard is not None:
+            port = _url_port(relay.dashboard.url)
+            if port is not None:
+                reserved[port] = "dashboard"
+        port = _url_port(relay.url)
+        if port is not None:
+            reserved[port] = "control"
+        return reserved
+
     async def _claim(self, name: str, mode: str, port: int | None, target: str) -> int:
         relay = self.relay
         host = relay.config.public_host
+        reserved = self._reserved_ports()
+        ranges = relay.config.ports.ranges
         if mode == "fixed" and isinstance(port, int):
+            refusal = claim_refusal(port, ranges, reserved)
+            if refusal is not None:
+                raise ClaimRefused(port, refusal)
             lease, created = relay.leases.claim_fixed(name, port, target)
         elif mode == "auto":
             def usable(candidate: int) -> bool:
+                if claim_refusal(candidate, ranges, reserved) is not None:
+                    return False
                 return candidate in relay.servers or port_is_free(host, candidate)
             lease, created = relay.leases.claim_auto(name, target, usable)
         else:
@@ -241,8 +313,8 @@ class ControlHandler:
             return lease.port
         record = relay.registry.reserve(lease.port, name, lease.kind, target)
         try:
-            relay.servers[lease.port] = await bind_public_port(host, lease.port, record,
-                                                               relay.visitor_slots)
+            relay.servers[lease.port] = await bind_public_port(
+                host, lease.port, record, relay.visitor_slots, relay.open_rate)
         except OSError as exc:
             relay.registry.drop(lease.port)
             if created:
@@ -250,6 +322,13 @@ class ControlHandler:
             raise ClaimRefused(lease.port, "already in use by another program on the relay"
                                f" ({exc.strerror or exc})") from exc
         return lease.port
+
+
+def _url_port(url: str) -> int | None:
+    try:
+        return urlsplit(url).port
+    except ValueError:
+        return None
 
 
 def _source(ws: ServerConnection) -> str:

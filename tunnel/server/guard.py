@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -18,12 +18,20 @@ __all__ = [
     "MAX_PENALTY_ENTRIES",
     "MAX_PREAUTH_PER_SOURCE",
     "MAX_PREAUTH_TOTAL",
+    "MAX_RATE_SOURCES",
     "MAX_VISITORS_PER_SOURCE",
+    "OPENS_BURST_SECONDS",
+    "OPENS_PER_PORT",
+    "OPENS_PER_SOURCE",
     "PENALTY_BASE",
     "PENALTY_CAP",
+    "PRIVILEGED_BELOW",
+    "OpenRate",
     "Penalties",
     "PreAuthSlots",
     "SourceSlots",
+    "TokenBucket",
+    "claim_refusal",
 ]
 
 MAX_PREAUTH_PER_SOURCE = 32
@@ -35,7 +43,22 @@ FAILURES_BEFORE_PENALTY = 5
 PENALTY_BASE = 1.0  # seconds, doubling per further failure
 PENALTY_CAP = 600.0
 MAX_PENALTY_ENTRIES = 10_000
+#: Visitor connections one source address may open per second, over all public ports (B-6:
+#: an open/reset flood, CVE-2023-44487 "Rapid Reset", must not become a stream flood).
+OPENS_PER_SOURCE = 200.0
+#: Visitor connections one public port accepts per second from all sources together.
+OPENS_PER_PORT = 2000.0
+#: Opens allowed at once after a quiet spell, in seconds' worth of the rate: one second, so
+#: a source may open its 200 at once (a load test, a browser's burst) but not sustain it.
+OPENS_BURST_SECONDS = 1.0
+#: Sources whose open rate is tracked at once; the least recently seen are forgotten first.
+MAX_RATE_SOURCES = 10_000
 _MAX_DOUBLINGS = 64
+#: Ports below this are privileged (system services: 22, 80, 443...). A client may claim one
+#: only where the relay's ``ports`` list it in a range of privileged ports alone, e.g. ``80``
+#: or ``"80-443"``; a wide range such as ``"1-65535"`` grants only its unprivileged part.
+PRIVILEGED_BELOW = 1024
+_MAX_PORT = 65535
 
 
 class SourceSlots:
@@ -71,6 +94,75 @@ class SourceSlots:
 
 
 PreAuthSlots = SourceSlots  # the name the login path uses
+
+
+class TokenBucket:
+    """``rate`` events per second on average, bursts of up to ``burst`` events.
+
+    Refilled lazily from the clock passed in, so it costs nothing while idle.
+    """
+
+    __slots__ = ("_burst", "_rate", "_stamp", "_tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._stamp = now
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one."""
+        elapsed = max(0.0, now - self._stamp)
+        self._stamp = now
+        self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+class OpenRate:
+    """Caps how fast visitors may open connections: per source address and per public port.
+
+    A source over its rate is refused without spending the port's budget, so one flooding
+    address costs other visitors of that port at most ``per_source`` opens per second. The
+    table of sources is bounded (LRU) so a flood from many addresses cannot grow it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *,
+                 per_source: float = OPENS_PER_SOURCE, per_port: float = OPENS_PER_PORT,
+                 burst_seconds: float = OPENS_BURST_SECONDS,
+                 max_sources: int = MAX_RATE_SOURCES) -> None:
+        self._clock = clock
+        self._per_source = per_source
+        self._per_port = per_port
+        self._burst_seconds = burst_seconds
+        self._max_sources = max_sources
+        self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._ports: dict[int, TokenBucket] = {}
+        #: Opens refused so far, by port (reported in the refusal log line).
+        self.refused: dict[int, int] = {}
+
+    def allow(self, port: int, source: str) -> bool:
+        """Whether a visitor from ``source`` may open a connection on ``port`` now."""
+        now = self._clock()
+        bucket = self._sources.pop(source, None)
+        if bucket is None:
+            bucket = TokenBucket(self._per_source, self._burst(self._per_source), now)
+        self._sources[source] = bucket
+        while len(self._sources) > self._max_sources:
+            self._sources.popitem(last=False)
+        port_bucket = self._ports.get(port)
+        if port_bucket is None:
+            port_bucket = self._ports[port] = TokenBucket(self._per_port,
+                                                          self._burst(self._per_port), now)
+        if bucket.take(now) and port_bucket.take(now):
+            return True
+        self.refused[port] = self.refused.get(port, 0) + 1
+        return False
+
+    def _burst(self, rate: float) -> float:
+        return max(1.0, rate * self._burst_seconds)
 
 
 @dataclass(slots=True)
@@ -116,3 +208,22 @@ class Penalties:
 
     def __len__(self) -> int:
         return len(self._table)
+
+
+def claim_refusal(port: int, relay_ranges: Iterable[tuple[int, int]],
+                  reserved: Mapping[int, str]) -> str | None:
+    """Why the relay must not publish ``port`` whatever the leases say (B-12), or None.
+
+    ``reserved`` maps the relay's own ports (control, dashboard) to their role: publishing
+    one would hijack or shadow it. The client's grant is checked later by the lease book.
+    """
+    if isinstance(port, bool) or not 1 <= port <= _MAX_PORT:
+        return f"{port!r} is not a port number 1-{_MAX_PORT}"
+    role = reserved.get(port)
+    if role is not None:
+        return f"port {port} is the relay's {role} port"
+    if port < PRIVILEGED_BELOW and not any(lo <= port <= hi < PRIVILEGED_BELOW
+                                           for lo, hi in relay_ranges):
+        return (f"port {port} is privileged (below {PRIVILEGED_BELOW}) and the relay's ports "
+                f"do not list it explicitly")
+    return None

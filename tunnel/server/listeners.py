@@ -15,7 +15,7 @@ import time
 
 from ..common.errors import LocalProtocolError
 from ..common.link import StreamSocket, abort_with_reset
-from .guard import SourceSlots
+from .guard import OpenRate, SourceSlots
 from .registry import TunnelRecord
 
 __all__ = ["LISTEN_BACKLOG", "VisitorSocket", "bind_public_port", "port_is_free"]
@@ -50,10 +50,12 @@ limited_log = RateLimitedLogger(log, REFUSAL_LOG_INTERVAL)
 class VisitorSocket(StreamSocket):
     """A visitor's connection: opens a stream on the owner's live link when it arrives."""
 
-    def __init__(self, tunnel: TunnelRecord, slots: SourceSlots) -> None:
+    def __init__(self, tunnel: TunnelRecord, slots: SourceSlots,
+                 rate: OpenRate | None = None) -> None:
         super().__init__(traffic=tunnel.traffic)
         self.tunnel = tunnel
         self.slots = slots
+        self.rate = rate
         self.peer = "?"
         self.source: str | None = None  # set while this visitor holds a per-source slot
         self.opened = time.time()
@@ -65,9 +67,20 @@ class VisitorSocket(StreamSocket):
             abort_with_reset(transport)
             return
         peer = transport.get_extra_info("peername")
-        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        if not isinstance(peer, tuple):
+            # No address: the visitor reset the connection while it sat in the accept queue
+            # (Rapid Reset, B-6). Opening a stream for it would only make the client dial.
+            self._refuse(transport, "visitor refused: reset before it was accepted")
+            return
+        address = f"{peer[0]}:{peer[1]}"
         self.peer = address
-        source = str(peer[0]) if isinstance(peer, tuple) else "?"
+        source = str(peer[0])
+        if self.rate is not None and not self.rate.allow(self.tunnel.port, source):
+            # Checked before a stream exists: a refused open costs the owner's link nothing.
+            refused = self.rate.refused.get(self.tunnel.port, 0)
+            self._refuse(transport, f"visitor {address} refused: opening connections too "
+                                    f"fast ({refused} refused on this port so far)")
+            return
         if not self.slots.acquire(source):
             self._refuse(transport, f"visitor {address} refused: too many connections from "
                                     f"{source}")
@@ -101,10 +114,13 @@ class VisitorSocket(StreamSocket):
 
 
 async def bind_public_port(host: str, port: int, tunnel: TunnelRecord,
-                           slots: SourceSlots) -> asyncio.Server:
-    """Bind ``port``; raises OSError when another program holds it."""
+                           slots: SourceSlots, rate: OpenRate | None = None) -> asyncio.Server:
+    """Bind ``port``; raises OSError when another program holds it.
+
+    ``rate`` caps how fast visitors may open connections (per source and per port).
+    """
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: VisitorSocket(tunnel, slots), host, port,
+    return await loop.create_server(lambda: VisitorSocket(tunnel, slots, rate), host, port,
                                     backlog=LISTEN_BACKLOG, reuse_address=True)
 
 

@@ -41,7 +41,8 @@ def weakness(value: str) -> str | None:
     """
     if not value:
         return "the token is empty"
-    if value.lower() in DEFAULT_SECRETS:
+    lowered = value.lower().encode("utf-8")
+    if any([hmac.compare_digest(lowered, known.encode()) for known in DEFAULT_SECRETS]):
         return "the token is a published example or default; generate one"
     if len(value) < MIN_SECRET_CHARS:
         return f"the token is too short; tokens need at least {MIN_SECRET_CHARS} characters"

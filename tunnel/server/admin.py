@@ -188,8 +188,9 @@ def cmd_add_client(args: argparse.Namespace) -> int:
     config = load_server_config(config_path)
     name = args.name
     if not re.fullmatch(CLIENT_NAME_PATTERN, name):
-        raise ConfigError("NAME", shown_name(name), "names are 1-63 letters, digits, '.', '_' or '-', "
-                                        "starting with a letter or digit")
+        raise ConfigError("NAME", shown_name(name),
+                          "names are 1-63 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit")
     if name in config.clients:
         raise ConfigError("NAME", name, "a client of that name exists; remove-client it first "
                                         "or pick another name")

@@ -897,8 +897,8 @@ async def test_S7_same_identity_on_two_machines(tmp_path: Path, variant: Variant
     """Machine 1 (a real client) serves alpha; machine 2 logs in with alpha's token, again
     and again. Newest wins each time (machine 1 is told it was replaced and backs off); at
     the 5th replacement within a minute the identity is flagged on the dashboard (JSON API
-    ``flapping``/``replacements_last_minute``, and the page's badge, which app.js shows
-    from that field) and further replacing logins from either machine are refused with
+    ``flapping``/``replacements_last_minute``; the page's "shared identity" badge, drawn
+    from that field, is checked in Chromium by tests/dashboard/test_browser.py) and further replacing logins from either machine are refused with
     close 1013 "try again later": machine 3 (another real client with the token) is
     throttled too. How the legitimate newest still gets in: a login while no link of the
     identity is live is never refused, and the flag clears once the minute holds fewer than

@@ -376,46 +376,63 @@ async def test_S1_relay_with_weak_secret_refuses_to_start(tmp_path: Path, token:
 
 async def test_S2_no_secret_in_debug_logs_from_any_source(tmp_path: Path,
                                                           variant: Variant) -> None:
-    """The token given by flag, environment and file each works, a wrong one is refused, and
-    no program output at DEBUG nor any dashboard page or API answer contains the token in
-    raw, hex or base64 form. No credential is ever in a URL: the client's link URL has none
-    (the login is a challenge-response inside the link), and in plaintext variants the
-    recorded HTTP upgrade request carries no token, query string or Authorization header."""
+    """The token given by flag, environment and file each works and a wrong one given the
+    same way is refused (client side); on the relay side alpha's token comes from an
+    environment variable and beta's from a file, and each is enforced (a wrong one refused,
+    the right one accepted). No program output at DEBUG nor any dashboard page or API answer
+    contains a token or the dashboard password in raw, hex or base64 form. No credential is
+    ever in a URL: the client's link URL has none (the login is a challenge-response inside
+    the link), and in plaintext variants the recorded HTTP upgrade request carries no token,
+    query string or Authorization header."""
     echo = EchoService()
     await echo.start()
-    (port,) = free_ports(1)
+    port, beta_port = free_ports(2)
     password = new_password()
-    config = dashboard_config(tmp_path, [port], password, log_level="debug")
-    dash = await launch(tmp_path, config)
+    beta_file = tmp_path / "beta.token"
+    beta_file.write_text(BETA_TOKEN + "\n", encoding="utf-8")
+    beta_file.chmod(0o600)
+    clients = {"alpha": {"token_env": "ALPHA_SECRET"}, "beta": {"token_file": str(beta_file)}}
+    config = dashboard_config(tmp_path, [port, beta_port], password, log_level="debug",
+                              clients=clients)
+    dash = await launch(tmp_path, config, env={"ALPHA_SECRET": ALPHA_TOKEN})
     server, url = dash.proc, dash.url
     if url.startswith("wss://"):
         PINS[url] = (await server.wait_for_line(r"tls fingerprint (?P<fp>sha256:\S+)$"))["fp"]
-    token_file = tmp_path / "client.yaml"
-    pin = f"fingerprint: {PINS[url]}\n" if url in PINS else ""
-    token_file.write_text(f"server: {url}\ntoken: {ALPHA_TOKEN}\n{pin}", encoding="utf-8")
-    token_file.chmod(0o600)
     spec = [f"{echo.target}:fixed-{port}"]
     pin_args = ["--fingerprint", PINS[url]] if url in PINS else []
-    runs = [
-        (["--server", url, *pin_args, "--token", ALPHA_TOKEN], {}),
-        (["--server", url, *pin_args], {"TUNNEL_TOKEN": ALPHA_TOKEN}),
-        (["--config", str(token_file)], {}),
-    ]
+    wrong_token = "not-the-alpha-token-0000"
+
+    def runs(token: str) -> list[tuple[list[str], dict[str, str]]]:
+        settings = tmp_path / f"client-{token[:3]}.yaml"
+        pin = f"fingerprint: {PINS[url]}\n" if url in PINS else ""
+        settings.write_text(f"server: {url}\ntoken: {token}\n{pin}", encoding="utf-8")
+        settings.chmod(0o600)
+        return [(["--server", url, *pin_args, "--token", token], {}),
+                (["--server", url, *pin_args], {"TUNNEL_TOKEN": token}),
+                (["--config", str(settings)], {})]
+
     outputs: list[str] = []
-    for args, env in runs:
+    for (args, env), (bad_args, bad_env) in zip(runs(ALPHA_TOKEN), runs(wrong_token),
+                                                strict=True):
         client = await start_proc("tunnel-client", CLIENT_MODULE,
                                   [*args, "--log-level", "debug",
                                    *[a for s in spec for a in ("--expose", s)]], env=env)
         assert await wait_tunnel(client, echo.target) == port
         await echo_check(port, 64 * 1024)
         assert await client.terminate() == 0
-        outputs.append(client.stdout + client.stderr)
-    wrong = await start_proc("tunnel-client", CLIENT_MODULE,
-                             ["--server", url, *pin_args, "--log-level", "debug",
-                              "--expose", spec[0]],
-                             env={"TUNNEL_TOKEN": "not-the-alpha-token-0000"})
+        wrong = await start_proc("tunnel-client", CLIENT_MODULE,
+                                 [*bad_args, "--log-level", "debug", "--expose", spec[0]],
+                                 env=bad_env)
+        assert await wrong.wait_exit() == EXIT_REFUSED
+        assert "authentication failed" in wrong.stderr
+        outputs += [client.stdout + client.stderr, wrong.stdout + wrong.stderr]
+    beta_spec = f"{echo.target}:fixed-{beta_port}"
+    wrong = await start_client(url, BETA_TOKEN[:-1] + "9", [beta_spec], name="beta")
     assert await wrong.wait_exit() == EXIT_REFUSED
-    outputs.append(wrong.stdout + wrong.stderr)
+    beta = await start_client(url, BETA_TOKEN, [beta_spec], name="beta")
+    assert await wait_tunnel(beta, echo.target) == beta_port
+    await beta.terminate()
+    outputs += [wrong.stdout + wrong.stderr, beta.stdout + beta.stderr]
     if not variant.tls:  # what a proxy or access log would see of the upgrade request
         proxy = RecordingProxy(url_port(url))
         await proxy.start()
@@ -438,8 +455,8 @@ async def test_S2_no_secret_in_debug_logs_from_any_source(tmp_path: Path,
     pages += [(await dash.get(path)).text for path in ("/static/index.html", "/healthz")]
     outputs += pages
     outputs.append(server.stdout + server.stderr)
-    for form in (_secret_forms(ALPHA_TOKEN) + _secret_forms("not-the-alpha-token-0000")
-                 + _secret_forms(password)):
+    for form in (_secret_forms(ALPHA_TOKEN) + _secret_forms(wrong_token)
+                 + _secret_forms(BETA_TOKEN) + _secret_forms(password)):
         for text in outputs:
             assert form not in text, "a secret reached a log or a page"
 
@@ -898,8 +915,9 @@ async def test_S7_same_identity_on_two_machines(tmp_path: Path, variant: Variant
     and again. Newest wins each time (machine 1 is told it was replaced and backs off); at
     the 5th replacement within a minute the identity is flagged on the dashboard (JSON API
     ``flapping``/``replacements_last_minute``; the page's "shared identity" badge, drawn
-    from that field, is checked in Chromium by tests/dashboard/test_browser.py) and further replacing logins from either machine are refused with
-    close 1013 "try again later": machine 3 (another real client with the token) is
+    from that field, is checked in Chromium by tests/dashboard/test_browser.py) and
+    further replacing logins from either machine are refused with close 1013 "try again
+    later": machine 3 (another real client with the token) is
     throttled too. How the legitimate newest still gets in: a login while no link of the
     identity is live is never refused, and the flag clears once the minute holds fewer than
     5 replacements; here machine 2 goes away and machine 3, retrying with backoff, gets in

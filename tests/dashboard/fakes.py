@@ -64,6 +64,10 @@ class FakeClient:
     os: str = ""
     telemetry: dict[str, Any] | None = None
     telemetry_at: float | None = None
+    replacements: int = 0
+
+    def replacement_rate(self, now: float, /) -> int:
+        return self.replacements
 
 
 @dataclass

@@ -177,17 +177,6 @@ async def test_auth_host_check_and_headers(tmp_path: Path) -> None:
     assert relay.password not in relay.proc.stdout + relay.proc.stderr
 
 
-async def test_failed_logins_are_throttled_per_source(tmp_path: Path) -> None:
-    relay = await launch(tmp_path, dashboard_config(tmp_path, free_ports(1), new_password()))
-    wrong = basic("admin", new_password())
-    statuses = [(await request(relay.port, "GET", "/api/status", auth=wrong,
-                               source="127.0.0.99")).status for _ in range(7)]
-    assert statuses[:5] == [401] * 5 and statuses[-1] == 429
-    locked = await relay.get("/api/status", source="127.0.0.99")
-    assert locked.status == 429 and int(locked.headers["retry-after"]) >= 1
-    assert (await relay.get("/api/status")).status == 200  # other sources unaffected
-
-
 async def test_password_hash_login(tmp_path: Path) -> None:
     password = new_password()
     salt = secrets.token_bytes(16)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
 
 from tests.e2e.harness import (
     ALPHA_TOKEN,
@@ -36,6 +37,11 @@ from tests.e2e.harness import (
 )
 from tests.e2e.services import CHUNK, EchoService, close_writer, open_visitor
 from tunnel import __version__
+from tunnel.common import messages as msg
+from tunnel.common.auth import client_proof, derive_key, new_nonce
+from tunnel.common.frames import Frame, FrameType, decode_frames, encode_frame
+from tunnel.common.secret import Secret
+from tunnel.server.registry import REPLACEMENT_FLAG
 
 try:
     from playwright.async_api import (
@@ -388,4 +394,42 @@ async def test_client_strings_are_text_not_html(relay: Relay, browser: Browser) 
     assert await dash.page.evaluate("() => document.querySelectorAll('img[src=x]').length") == 0
     assert await hostname.evaluate("node => node.childElementCount") == 0
     await screenshot(dash, "dashboard-hostile.png")
+    dash.watch.assert_clean()
+
+
+def _control_message(raw: str | bytes) -> dict[str, Any]:
+    assert isinstance(raw, bytes)
+    message: dict[str, Any] = json.loads(bytes(decode_frames(raw)[0].payload))
+    return message
+
+
+async def test_identity_shared_by_two_machines_is_flagged(relay: Relay,
+                                                          browser: Browser) -> None:
+    """Reliability S-7 on the page: alpha's live link replaced 5 times within a minute shows
+    the "shared identity" badge on alpha's card (and on no other card)."""
+    echo = EchoService()
+    await echo.start()
+    beta = await relay.client(BETA_TOKEN, [echo.target], name="beta")
+    await wait_tunnel(beta, echo.target)
+    dash = await open_dashboard(browser, relay)
+    links = []
+    for _ in range(REPLACEMENT_FLAG + 1):  # the first login is not a replacement
+        ws = await connect(relay.link_url, compression=None, ping_interval=None, proxy=None)
+        challenge = _control_message(await ws.recv())
+        nonce = msg.b64decode(challenge["nonce"], "nonce")
+        client_nonce = new_nonce()
+        proof = client_proof(derive_key(Secret(ALPHA_TOKEN)), nonce, client_nonce)
+        auth = {"type": "auth", "nonce": msg.b64encode(client_nonce),
+                "proof": msg.b64encode(proof), "client_version": "raw-test"}
+        await ws.send(encode_frame(Frame(FrameType.CONTROL, payload=json.dumps(auth).encode())))
+        welcome = _control_message(await ws.recv())
+        assert welcome["type"] == "welcome"
+        links.append(ws)
+    badge = dash.item("alpha", "client-flapping")
+    await expect(badge).to_be_visible(timeout=UI_TIMEOUT_MS)
+    assert "two machines" in (await badge.get_attribute("title") or "")
+    await expect(dash.item("beta", "client-flapping")).to_be_hidden()
+    await screenshot(dash, "dashboard-flapping.png")
+    for ws in links:
+        await ws.close()
     dash.watch.assert_clean()

@@ -98,15 +98,17 @@ def test_penalty_defaults() -> None:
 def test_first_failures_are_free(clock: FakeClock) -> None:
     penalties = Penalties(clock)
     assert penalties.retry_after("a") == 0.0
-    for _ in range(FAILURES_BEFORE_PENALTY):
+    for _ in range(FAILURES_BEFORE_PENALTY - 1):
         penalties.failed("a")
         assert penalties.retry_after("a") == 0.0
+    penalties.failed("a")  # the 5th failure: "after 5 failures, a 1 s penalty"
+    assert penalties.retry_after("a") == 1.0
     assert len(penalties) == 1
 
 
 def test_penalty_doubles_up_to_the_cap(clock: FakeClock) -> None:
     penalties = Penalties(clock)
-    for _ in range(FAILURES_BEFORE_PENALTY):
+    for _ in range(FAILURES_BEFORE_PENALTY - 1):
         penalties.failed("a")
     waits = []
     for _ in range(14):
@@ -119,7 +121,7 @@ def test_penalty_doubles_up_to_the_cap(clock: FakeClock) -> None:
 
 def test_penalty_counts_down_with_the_clock(clock: FakeClock) -> None:
     penalties = Penalties(clock)
-    for _ in range(FAILURES_BEFORE_PENALTY + 3):
+    for _ in range(FAILURES_BEFORE_PENALTY + 2):
         penalties.failed("a")
     assert penalties.retry_after("a") == 4.0
     clock.advance(1.5)
@@ -135,11 +137,11 @@ def test_penalty_counts_down_with_the_clock(clock: FakeClock) -> None:
 
 def test_other_sources_are_unaffected(clock: FakeClock) -> None:
     penalties = Penalties(clock)
-    for _ in range(FAILURES_BEFORE_PENALTY + 4):
+    for _ in range(FAILURES_BEFORE_PENALTY + 3):
         penalties.failed("10.0.0.1")
     assert penalties.retry_after("10.0.0.1") == 8.0
     assert penalties.retry_after("10.0.0.2") == 0.0
-    for _ in range(FAILURES_BEFORE_PENALTY):
+    for _ in range(FAILURES_BEFORE_PENALTY - 1):
         penalties.failed("10.0.0.2")
     assert penalties.retry_after("10.0.0.2") == 0.0
     penalties.failed("10.0.0.2")
@@ -149,15 +151,15 @@ def test_other_sources_are_unaffected(clock: FakeClock) -> None:
 
 def test_success_clears(clock: FakeClock) -> None:
     penalties = Penalties(clock)
-    for _ in range(FAILURES_BEFORE_PENALTY + 2):
+    for _ in range(FAILURES_BEFORE_PENALTY + 1):
         penalties.failed("a")
     penalties.failed("b")
     assert penalties.retry_after("a") == 2.0
     penalties.succeeded("a")
     assert penalties.retry_after("a") == 0.0
     assert len(penalties) == 1
-    # The count starts over: five free failures again.
-    for _ in range(FAILURES_BEFORE_PENALTY):
+    # The count starts over: four free failures again, the fifth costs 1 s.
+    for _ in range(FAILURES_BEFORE_PENALTY - 1):
         penalties.failed("a")
     assert penalties.retry_after("a") == 0.0
     penalties.failed("a")

@@ -36,7 +36,7 @@ from tunnel.common.configbase import (
     resolve_token,
     warn_if_readable,
 )
-from tunnel.common.credentials import parse_public_key
+from tunnel.common.credentials import parse_public_key, shown_name
 from tunnel.common.errors import ConfigError
 from tunnel.common.portset import MAX_PORT, PortSet
 from tunnel.common.secret import Secret
@@ -155,8 +155,10 @@ class ServerConfig:
 def _client_entry(ctx: ConfigContext, prefix: str, name: object, value: object,
                   env: Mapping[str, str]) -> ClientEntry:
     if not isinstance(name, str) or not _CLIENT_NAME_RE.fullmatch(name):
-        raise ctx.error(child_path(prefix, str(name)),
-                        f"invalid client name {describe_value(name)}; names are 1-63 "
+        shown = (f'string "{shown_name(name)}"' if isinstance(name, str)
+                 else describe_value(name))
+        raise ctx.error(child_path(prefix, shown_name(name)),
+                        f"invalid client name {shown}; names are 1-63 "
                         "letters, digits, '.', '_' or '-', starting with a letter or digit")
     key = child_path(prefix, name)
     if value is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tunnel.common.errors import ConfigError
 from tunnel.common.portset import MAX_PORT, MIN_PORT, PortSet
-from tunnel.common.secret import Secret
+from tunnel.common.secret import Secret, weakness
 from tunnel.common.yamlsafe import child_path, item_path
 
 __all__ = [
@@ -161,6 +161,9 @@ def _check_token_length(ctx: ConfigContext, value: str, key: str, origin: str) -
     if len(value) < MIN_TOKEN_LENGTH:
         raise ctx.error(key, f"{origin} is too short; tokens need at least "
                              f"{MIN_TOKEN_LENGTH} characters")
+    weak = weakness(value)  # empty, published default, or under 128 bits (reliability S-1)
+    if weak is not None:
+        raise ctx.error(key, f"{origin} is not usable: {weak.removeprefix('the token is ')}")
     return Secret(value)
 
 

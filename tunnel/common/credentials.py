@@ -37,6 +37,7 @@ __all__ = [
     "KEY_ID_BYTES",
     "KEY_PREFIX",
     "MAX_JOIN_LENGTH",
+    "MAX_SHOWN_NAME",
     "JoinInfo",
     "decode_join",
     "encode_join",
@@ -45,6 +46,7 @@ __all__ = [
     "parse_private_key",
     "parse_public_key",
     "public_key_of",
+    "shown_name",
     "sign",
     "verify",
 ]
@@ -237,6 +239,23 @@ def _check_fingerprint(fingerprint: object) -> str | None:
         return parse_fingerprint(fingerprint, JOIN_SOURCE)
     except ConfigError:
         raise _Malformed("the fingerprint is not sha256: followed by 64 hex digits") from None
+
+
+#: How much of a rejected client name an error message shows.
+MAX_SHOWN_NAME = 80
+
+
+def shown_name(name: object) -> str:
+    """A rejected name made safe to print: escaped like ``ascii()`` and cut short.
+
+    A name is refused precisely because it may hold anything: a bidi override (U+202E) that
+    reorders the terminal line, a NUL, control sequences, or 10 KiB. Echoing it raw would
+    let the refusal itself mislead whoever reads it (reliability S-10).
+    """
+    text = ascii(str(name))[1:-1]
+    if len(text) > MAX_SHOWN_NAME:
+        return f"{text[:MAX_SHOWN_NAME]}... ({len(str(name))} characters)"
+    return text
 
 
 def _check_name(name: object) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from ..common.config import CLIENT_NAME_PATTERN, ServerConfig, load_server_config
-from ..common.credentials import JoinInfo, encode_join, generate_keypair
+from ..common.credentials import JoinInfo, encode_join, generate_keypair, shown_name
 from ..common.errors import ConfigError, TunnelError
 from ..common.localfs import PRIVATE_DIR_MODE, write_private
 from ..common.portset import PortSet
@@ -188,8 +188,9 @@ def cmd_add_client(args: argparse.Namespace) -> int:
     config = load_server_config(config_path)
     name = args.name
     if not re.fullmatch(CLIENT_NAME_PATTERN, name):
-        raise ConfigError("NAME", name, "names are 1-63 letters, digits, '.', '_' or '-', "
-                                        "starting with a letter or digit")
+        raise ConfigError("NAME", shown_name(name),
+                          "names are 1-63 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit")
     if name in config.clients:
         raise ConfigError("NAME", name, "a client of that name exists; remove-client it first "
                                         "or pick another name")

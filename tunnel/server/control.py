@@ -32,6 +32,7 @@ from ..common.telemetry_schema import normalize as normalize_telemetry
 from ..common.wsframing import framing_enabled, set_max_message_size, take_over
 from .guard import SourceSlots, claim_refusal
 from .listeners import bind_public_port, limited_log, port_is_free
+from .registry import REPLACEMENT_FLAG
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -47,6 +48,10 @@ CLOSE_AUTH_FAILED = 1008
 CLOSE_TRY_LATER = 1013
 #: Telemetry closer together than this is dropped (clients send every few seconds).
 MIN_TELEMETRY_GAP = 0.1
+#: Fields that would name a client. Identity comes from the login alone, so a message from
+#: client B naming anyone but B in one of these is refused (reliability S-6).
+IDENTITY_FIELDS = ("client", "client_id", "name", "identity", "owner", "user", "as",
+                   "replace", "session", "on_behalf_of")
 
 log = logging.getLogger("tunnel.server.control")
 
@@ -167,6 +172,12 @@ class ControlHandler:
                 client_nonce = msg.b64decode(auth["nonce"], "nonce")
                 if len(client_nonce) != NONCE_SIZE:
                     raise RemoteProtocolError("nonce of wrong size")
+                wait = self.relay.penalties.retry_after(source)
+                if wait > 0:
+                    # Several links may have passed the HTTP-level check at once: no more
+                    # than one guess per penalty period is ever verified (reliability S-5).
+                    await self._try_later(link, source, f"source penalised for {wait:.0f} s")
+                    return None
                 name = self._identify(auth, nonce, client_nonce)
         except (TimeoutError, RemoteProtocolError, LinkClosed, ConnectionClosed,
                 OSError) as exc:
@@ -184,7 +195,36 @@ class ControlHandler:
             await _close_quietly(link, CLOSE_AUTH_FAILED, AUTH_FAILED)
             return None
         self.relay.penalties.succeeded(source)
+        claimed = _claimed_identity(auth, name)
+        if claimed is not None:
+            log.warning("login of client %s from %s refused: it claims to be %r",
+                        name, source, claimed)
+            with contextlib.suppress(Exception):
+                await link.send_now({"type": msg.REFUSED, "reason": AUTH_FAILED})
+            await _close_quietly(link, CLOSE_AUTH_FAILED, AUTH_FAILED)
+            return None
+        if self._flapping(name):
+            await self._try_later(link, source, f"client {name} replaced "
+                                  f"{REPLACEMENT_FLAG}+ times a minute: two machines share it")
+            return None
         return name, str(auth["client_version"])[:64]
+
+    def _flapping(self, name: str) -> bool:
+        """A live identity replaced too often: refuse further replacements for a while.
+
+        Two machines with one identity would otherwise replace each other forever (frp
+        #3543). While the identity is flagged, a login that would replace its live link is
+        told to try later; a login while no link is live is never refused, and the flag
+        clears once the last minute holds fewer than REPLACEMENT_FLAG replacements, so the
+        legitimate newest machine gets in at its next retry after that (within a minute).
+        """
+        record = self.relay.registry.clients.get(name)
+        return (record is not None and record.link is not None
+                and record.flapping(self.clock()))
+
+    async def _try_later(self, link: Link, source: str, why: str) -> None:
+        log.warning("login from %s refused for now: %s", source, why)
+        await _close_quietly(link, CLOSE_TRY_LATER, "try again later")
 
     def _identify(self, auth: dict[str, Any], nonce: bytes, client_nonce: bytes) -> str | None:
         """The client that made this proof or signature, or None; same work either way."""
@@ -200,7 +240,7 @@ class ControlHandler:
             if len(proof) != PROOF_SIZE:
                 raise RemoteProtocolError("proof of wrong size")
             return identify(proof, nonce, client_nonce, self.relay.keys)
-        raise RemoteProtocolError("auth carries neither proof nor signature")
+        return None  # no credential at all: refused like a wrong one (reliability S-1)
 
     async def _serve(self, link: Link, name: str, version: str, source: str) -> None:
         relay = self.relay
@@ -238,6 +278,12 @@ class ControlHandler:
 
     def _on_control(self, link: Link, message: dict[str, Any]) -> None:
         request = msg.parse(message, msg.EXPOSE, msg.TELEMETRY)
+        claimed = _claimed_identity(request, link.name)
+        if claimed is not None:
+            # The link's identity is fixed at login; a message naming another client is an
+            # attempt to act as it (reliability S-6), so this link closes, logged.
+            raise RemoteProtocolError(f"client {link.name} sent a message claiming to be "
+                                      f"client {claimed!r}")
         if request["type"] == msg.TELEMETRY:
             self._on_telemetry(link, request)
             return
@@ -329,6 +375,15 @@ def _url_port(url: str) -> int | None:
         return urlsplit(url).port
     except ValueError:
         return None
+
+
+def _claimed_identity(message: dict[str, Any], name: str) -> str | None:
+    """The other client a message names in an identity field, if any (truncated)."""
+    for field in IDENTITY_FIELDS:
+        value = message.get(field)
+        if value is not None and value != name:
+            return str(value)[:64]
+    return None
 
 
 def _source(ws: ServerConnection) -> str:

@@ -172,7 +172,11 @@ class _Entry:
 
 
 class Penalties:
-    """Per-source login failures with an exponential lock-out after a few attempts."""
+    """Per-source login failures with an exponential lock-out after a few attempts.
+
+    The first ``free_failures - 1`` failures cost nothing; the ``free_failures``-th locks the
+    source out for ``base`` seconds, and each further one doubles that, up to ``cap``.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, *,
                  free_failures: int = FAILURES_BEFORE_PENALTY, base: float = PENALTY_BASE,
@@ -194,7 +198,9 @@ class Penalties:
     def failed(self, source: str) -> None:
         entry = self._table.pop(source, None) or _Entry()
         entry.failures += 1
-        extra = entry.failures - self._free
+        # The 5th failure already costs 1 s: "after 5 failures, a penalty" (reliability S-5),
+        # so a source gets 5 quick guesses and then at most one per penalty period.
+        extra = entry.failures - max(self._free, 1) + 1
         if extra > 0:
             # Cap the exponent first: 2.0 ** 1030 overflows a float and would wipe the entry.
             penalty = min(self._cap, self._base * 2.0 ** min(extra - 1, _MAX_DOUBLINGS))

@@ -7,6 +7,7 @@ event loop, so no locking is needed.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,7 +16,20 @@ from ..common.link import Link, Traffic
 if TYPE_CHECKING:
     from .listeners import VisitorSocket
 
-__all__ = ["ClientRecord", "Registry", "TunnelRecord"]
+__all__ = [
+    "REPLACEMENT_FLAG",
+    "REPLACEMENT_WINDOW",
+    "ClientRecord",
+    "Registry",
+    "TunnelRecord",
+]
+
+#: Replacements of one identity's live link within this many seconds are counted...
+REPLACEMENT_WINDOW = 60.0
+#: ...and this many of them flag the identity as shared by two machines (reliability S-7).
+REPLACEMENT_FLAG = 5
+#: Replacement times kept per identity; throttling keeps far fewer in any window.
+MAX_REPLACEMENTS_KEPT = 64
 
 TunnelMode = Literal["fixed", "auto"]
 
@@ -51,6 +65,18 @@ class ClientRecord:
     os: str = ""
     telemetry: dict[str, Any] | None = None
     telemetry_at: float | None = None
+    #: When a newer login replaced a live link, within the last REPLACEMENT_WINDOW s.
+    replacements: deque[float] = field(
+        default_factory=lambda: deque(maxlen=MAX_REPLACEMENTS_KEPT))
+
+    def replacement_rate(self, now: float) -> int:
+        """Replacements within the last window (two machines sharing one identity flap)."""
+        while self.replacements and now - self.replacements[0] >= REPLACEMENT_WINDOW:
+            self.replacements.popleft()
+        return len(self.replacements)
+
+    def flapping(self, now: float) -> bool:
+        return self.replacement_rate(now) >= REPLACEMENT_FLAG
 
 
 class Registry:
@@ -73,6 +99,8 @@ class Registry:
         old = record.link
         if old is not None:
             self._unroute(old)
+            record.replacement_rate(now)  # prune, so the deque stays within the window
+            record.replacements.append(now)
         record.link = link
         record.address = address
         record.version = version

@@ -88,7 +88,7 @@ class Api:
 
     async def clients(self, request: Request) -> Response:
         records = sorted(self.relay.registry.clients.values(), key=lambda c: c.name)
-        return json_response(200, [client_summary(self.relay, c) for c in records])
+        return json_response(200, [client_summary(self.relay, c, self.clock()) for c in records])
 
     async def client(self, request: Request) -> Response:
         record = self.relay.registry.clients.get(request.params["name"])

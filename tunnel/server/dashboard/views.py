@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ... import __version__
+from ..registry import REPLACEMENT_FLAG
 from .relayview import ClientView, LeaseView, RelayView, TrafficView, TunnelView
 from .telemetry import clean_telemetry, clean_text
 
@@ -56,8 +57,9 @@ def _tunnel(relay: RelayView, tunnel: TunnelView) -> Json:
     }
 
 
-def client_summary(relay: RelayView, client: ClientView) -> Json:
+def client_summary(relay: RelayView, client: ClientView, now: float) -> Json:
     tunnels = tunnels_of(relay, client.name)
+    replaced = client.replacement_rate(now)
     link = client.link
     rtt = link.rtt if link is not None else None
     return {
@@ -67,6 +69,10 @@ def client_summary(relay: RelayView, client: ClientView) -> Json:
         "offline_since": client.offline_since,
         "last_seen": client.last_seen,
         "logins": client.logins,
+        # Two machines sharing one identity replace each other; flagged at the relay's
+        # throttling threshold (reliability S-7).
+        "replacements_last_minute": replaced,
+        "flapping": replaced >= REPLACEMENT_FLAG,
         "address": clean_text(client.address),
         "version": clean_text(client.version),
         "hostname": clean_text(client.hostname) or None,
@@ -98,7 +104,7 @@ def _connections(tunnels: Iterable[TunnelView], now: float) -> list[Json]:
 
 
 def client_detail(relay: RelayView, client: ClientView, now: float) -> Json:
-    view = client_summary(relay, client)
+    view = client_summary(relay, client, now)
     view["connections"] = _connections(tunnels_of(relay, client.name), now)
     view["series"] = [[ts, rin, rout] for ts, rin, rout in
                       relay.stats.series(("client", client.name))]

@@ -348,6 +348,12 @@
     card.status = el("span", "badge");
     card.status.setAttribute("data-testid", "client-status");
     title.appendChild(card.status);
+    // two machines sharing this identity keep replacing each other (relay throttles them)
+    card.flapping = el("span", "badge", "shared identity");
+    card.flapping.setAttribute("data-testid", "client-flapping");
+    card.flapping.setAttribute("data-state", "flapping");
+    card.flapping.hidden = true;
+    title.appendChild(card.flapping);
     card.since = el("span", "since muted");
     title.appendChild(card.since);
     head.appendChild(title);
@@ -497,6 +503,12 @@
 
     setText(card.status, online ? "online" : "offline");
     setAttr(card.status, "data-state", online ? "online" : "offline");
+    const replaced = num(c.replacements_last_minute);
+    card.flapping.hidden = c.flapping !== true;
+    setAttr(card.flapping, "title", c.flapping === true
+      ? "replaced " + replaced + " times in the last minute: two machines use this identity; " +
+        "the relay throttles their logins"
+      : null);
     let since;
     let sinceTs;
     if (online) {

@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import gc
 import math
+import random
+import socket
 import struct
 import time
 from collections import Counter
@@ -47,6 +49,7 @@ __all__ = [
     "fds",
     "gather_limited",
     "percentile",
+    "quiet_ports",
     "rss",
     "settle",
     "source_for",
@@ -76,6 +79,33 @@ class LoadEchoService(EchoService):
         STARTED.append(self)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
+
+
+#: Public ports for many-port tests are drawn below the ephemeral range (32768-60999 here):
+#: the load's own outgoing connections take ephemeral ports, and one that lands on a port
+#: the relay is about to bind would make that bind fail.
+QUIET_PORTS = (20000, 32767)
+
+
+def quiet_ports(n: int, seed: int | None = None) -> list[int]:
+    """``n`` distinct ports below the ephemeral range that were free a moment ago (each bound
+    and held until all are found; never a fixed number)."""
+    rng = random.Random(seed)
+    candidates = rng.sample(range(QUIET_PORTS[0], QUIET_PORTS[1] + 1), min(4 * n + 64, 12768))
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for port in candidates:
+            if len(ports) == n:
+                break
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+    if len(ports) < n:
+        raise RuntimeError(f"only {len(ports)} of {n} quiet ports free")
+    return ports
 
 
 def source_for(index: int, per_source: int = PER_SOURCE) -> str:
@@ -237,10 +267,10 @@ class MemorySampler:
         self.peak: dict[str, int] = {name: 0 for name in pids}
         self.series: dict[str, list[tuple[float, int]]] = {name: [] for name in pids}
         self._task: asyncio.Task[None] | None = None
-        self._t0 = time.monotonic()
+        self.t0 = time.monotonic()
 
     def sample(self) -> dict[str, int]:
-        now = time.monotonic() - self._t0
+        now = time.monotonic() - self.t0
         values = {name: rss_kib(pid) for name, pid in self.pids.items()}
         for name, value in values.items():
             self.peak[name] = max(self.peak[name], value)

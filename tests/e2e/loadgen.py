@@ -37,6 +37,7 @@ from tests.e2e.services import (
 )
 
 __all__ = [
+    "ABORTS",
     "CHURN_FIRST_SOURCE",
     "CHURN_LAST_SOURCE",
     "PER_SOURCE",
@@ -48,6 +49,8 @@ __all__ = [
     "describe_failures",
     "fds",
     "gather_limited",
+    "is_abort",
+    "leaves",
     "percentile",
     "quiet_ports",
     "rss",
@@ -120,6 +123,23 @@ def percentile(values: Sequence[float], pct: float) -> float:
     return ordered[rank - 1]
 
 
+#: How a visit may fail visibly (reset, refused, timed out): availability, not integrity.
+ABORTS: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, e.g. from a TaskGroup."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
+
+
+def is_abort(exc: BaseException) -> bool:
+    """Whether a failed visit ended in a visible abort only (no wrong or missing bytes that
+    looked like success: a clean EOF mid-stream is a truncation, not an abort)."""
+    return all(isinstance(leaf, ABORTS) for leaf in leaves(exc))
+
+
 @dataclass
 class Visitor:
     """One public connection through the tunnel to an echo service."""
@@ -157,9 +177,12 @@ class Visitor:
 
     async def echo(self, size: int, seed: int, timeout: float = VISIT_TIMEOUT) -> None:
         """Send ``size`` bytes of pattern ``seed`` while reading the echo; digests must match."""
-        async with asyncio.timeout(timeout):
-            sent, (got_len, got) = await both(send_pattern(self.writer, seed, size),
-                                              read_exactly_digest(self.reader, size))
+        try:
+            async with asyncio.timeout(timeout):
+                sent, (got_len, got) = await both(send_pattern(self.writer, seed, size),
+                                                  read_exactly_digest(self.reader, size))
+        except BaseExceptionGroup as group:  # from both()'s TaskGroup: raise the cause
+            raise leaves(group)[0] from group
         if got_len != size or got != sent:
             raise AssertionError(f"visitor {self.ident}: echo of {got_len}/{size} bytes "
                                  f"{'matches' if got == sent else 'differs'}")
@@ -193,6 +216,10 @@ class ChurnReport:
     failures: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     late_starts: int = 0  # visits the generator could not start on schedule (> 1 s late)
+    #: Visits whose bytes came back wrong or cut short by a clean EOF: a truncated stream
+    #: must never look like a clean end (guarantee 1), so these are integrity failures;
+    #: resets, refusals and timeouts are only availability failures.
+    integrity_failures: int = 0
 
     @property
     def success_ratio(self) -> float:
@@ -210,6 +237,8 @@ async def _churn_visit(port: int, ident: int, source: str, size: int,
             await visitor.close()
     except (OSError, TimeoutError, AssertionError, asyncio.IncompleteReadError) as exc:
         report.failures[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
+        if not is_abort(exc):
+            report.integrity_failures += 1
         return
     report.succeeded += 1
     report.latencies.append(time.monotonic() - started)
@@ -218,13 +247,13 @@ async def _churn_visit(port: int, ident: int, source: str, size: int,
 async def churn(port: int, *, rate: float, duration: float, size: int,
                 first_source: int = CHURN_FIRST_SOURCE, last_source: int = CHURN_LAST_SOURCE,
                 on_tick: Callable[[float], None] | None = None,
-                ident_base: int = 0) -> ChurnReport:
+                ident_base: int = 0, stop: asyncio.Event | None = None) -> ChurnReport:
     """Open ``rate`` new visitors per second for ``duration`` seconds, each a ``size``-byte
     echo from the next source address in ``first_source..last_source``; wait for all.
 
     Visits are scheduled at fixed times (not back to back), so a slow tunnel shows up as
     failures or latency, never as a lower rate; ``on_tick(elapsed)`` runs about once a second
-    (e.g. to sample memory).
+    (e.g. to sample memory). Setting ``stop`` ends the schedule early.
     """
     report = ChurnReport()
     total = int(rate * duration)
@@ -234,6 +263,8 @@ async def churn(port: int, *, rate: float, duration: float, size: int,
     tasks: set[asyncio.Task[None]] = set()
     next_tick = 0.0
     for i in range(total):
+        if stop is not None and stop.is_set():
+            break
         due = start + i / rate
         delay = due - loop.time()
         if delay > 0:

@@ -35,7 +35,6 @@ from tests.e2e.harness import (
     PINS,
     Proc,
     Variant,
-    free_ports,
     server_config,
     start_client,
     start_server,
@@ -100,7 +99,7 @@ async def echo_tunnel(tmp_path: Path, **overrides: Any) -> tuple[Relay, Proc, in
     """Relay + client alpha exposing an echo service on one fixed port, warmed up."""
     echo = LoadEchoService()
     await echo.start()
-    (port,) = free_ports(1)
+    (port,) = quiet_ports(1)
     relay = await start_relay(tmp_path, [port], **overrides)
     client = await start_client(relay.url, ALPHA_TOKEN, [f"{echo.target}:fixed-{port}"])
     assert await wait_tunnel(client, echo.target, mode="fixed") == port

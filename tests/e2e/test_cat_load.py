@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,7 @@ async def test_L1_concurrent_echo_connections(tmp_path: Path, variant: Variant,
 
     with MemorySampler(pids) as memory:
         opened = await gather_limited(
-            [lambda i=i: Visitor.open(port, i, source_for(i)) for i in range(count)],
+            [partial(Visitor.open, port, i, source_for(i)) for i in range(count)],
             CONNECT_CONCURRENCY)
         visitors = [v for v in opened if isinstance(v, Visitor)]
         try:
@@ -221,7 +222,7 @@ async def test_L2_idle_long_lived_connections(tmp_path: Path, variant: Variant,
 
     with MemorySampler(pids, interval=1.0) as memory:
         opened = await gather_limited(
-            [lambda i=i: Visitor.open(port, i, source_for(i)) for i in range(count)],
+            [partial(Visitor.open, port, i, source_for(i)) for i in range(count)],
             CONNECT_CONCURRENCY)
         visitors = [v for v in opened if isinstance(v, Visitor)]
         try:
@@ -232,7 +233,7 @@ async def test_L2_idle_long_lived_connections(tmp_path: Path, variant: Variant,
             still_open = await relay.open_streams()
             after_hold = rss(pids)
             echoed = await gather_limited(
-                [lambda v=v: v.echo(L2_PROBE, seed=v.ident, timeout=30.0) for v in visitors],
+                [partial(v.echo, L2_PROBE, seed=v.ident, timeout=30.0) for v in visitors],
                 CONNECT_CONCURRENCY)
         finally:
             await asyncio.gather(*(v.close() for v in visitors))
@@ -352,7 +353,7 @@ async def test_L3_many_clients_two_ports_each(tmp_path: Path, variant: Variant,
         assert sorted(c["name"] for c in listed if c["online"]) == names
 
         load = asyncio.ensure_future(gather_limited(
-            [lambda p=p, j=j: port_echoes(p, j * L3_STREAMS_PER_PORT, each)
+            [partial(port_echoes, p, j * L3_STREAMS_PER_PORT, each)
              for j, p in enumerate(ports)], len(ports)))
         busy_api: list[float] = []
         for _ in range(100):  # sample the API while the echoes run (bounded)

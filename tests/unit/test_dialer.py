@@ -310,3 +310,25 @@ async def test_queue_holds_at_most_the_link_stream_limit() -> None:
             for _, writer in visitors:
                 _abort(writer)
             await _until(lambda: len(pair.client.mux) == 0, "all streams freed")
+
+
+async def test_queue_drops_entries_of_streams_reset_while_waiting() -> None:
+    """Entries of queued streams that were reset are purged once the queue reaches N, so
+    visitors that come and go while the target hangs cannot grow it without bound."""
+    limit = 3
+    with _swallowing_listener() as stuck:
+        async with _link_pair({0: stuck}, max_in_flight=1, timeout=5.0,
+                              max_streams=4 * limit) as pair:
+            pair.client.mux.max_streams = limit
+            port = pair.ports[0]
+            first = [await asyncio.open_connection("127.0.0.1", port) for _ in range(limit)]
+            await _until(lambda: pair.dialer.queued == limit - 1, "N - 1 queued")
+            for _, writer in first[1:]:
+                _abort(writer)  # the queued visitors leave; their entries stay queued
+            await _until(lambda: len(pair.client.mux) == 1, "their streams freed")
+            later = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            await _until(lambda: len(pair.client.mux) == limit, "two more streams open")
+            assert pair.dialer.queued == 2  # only the two live ones: the rest was purged
+            for _, writer in [first[0], *later]:
+                _abort(writer)
+            await _until(lambda: len(pair.client.mux) == 0, "all streams freed")

@@ -145,6 +145,7 @@ def report(test: str, **figures: object) -> None:
 
 
 L1_MAX_STREAMS = 1100  # N raised from 256: the catalogue holds 1000 streams open at once
+L1_GROWTH_MIB = 150
 
 
 @pytest.mark.timeout(600)
@@ -189,10 +190,13 @@ async def test_L1_concurrent_echo_connections(tmp_path: Path, variant: Variant,
     report("L-1", count=count, each_kib=each // KIB, p50_ms=round(
         percentile(connect_times, 50) * 1000, 1), p99_ms=round(p99 * 1000, 1),
         rss_growth_mib={k: round(v, 1) for k, v in growth.items()})
+    clean = await assert_clean(relay, pids, base_fds)
+    after = rss(pids)
+    report("L-1 after", fds=clean, retained_mib={k: round(mib(after[k] - base_rss[k]), 1)
+                                                 for k in pids})
     assert p99 < 0.5, f"p99 connect time {p99 * 1000:.0f} ms"
     for name, grown in growth.items():
-        assert grown <= 150, f"{name} RSS grew {grown:.1f} MiB over its baseline"
-    await assert_clean(relay, pids, base_fds)
+        assert grown <= L1_GROWTH_MIB, f"{name} RSS grew {grown:.1f} MiB over its baseline"
 
 
 # ----------------------------------------------------------------------------- L-2

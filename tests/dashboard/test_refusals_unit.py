@@ -16,10 +16,10 @@ def test_refusals_show_per_tunnel_and_summed_per_client() -> None:
     relay = sample_relay()
     relay.registry.tunnels[6000].streams_refused = 4
     relay.registry.tunnels[6002] = FakeTunnel(6002, "alpha", streams_refused=3)
-    alpha = client_summary(relay, relay.registry.clients["alpha"])
+    alpha = client_summary(relay, relay.registry.clients["alpha"], now=0.0)
     assert alpha["streams_refused"] == 7
     assert [t["streams_refused"] for t in alpha["tunnels"]] == [4, 3]
-    beta = client_summary(relay, relay.registry.clients["beta"])
+    beta = client_summary(relay, relay.registry.clients["beta"], now=0.0)
     assert beta["streams_refused"] == 0
 
 

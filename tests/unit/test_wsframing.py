@@ -556,3 +556,23 @@ async def test_take_over_refuses_when_the_peer_spoke_out_of_turn() -> None:
                     await asyncio.sleep(0.01)  # no event exists for "frame queued"
             with pytest.raises(RemoteProtocolError):
                 take_over(ws, max_message_size=None)
+
+
+class RefusingCloseTransport(RecordingTransport):
+    """Like asyncio's TLS transport once the peer ended TLS: ``close()`` raises."""
+
+    def close(self) -> None:
+        if not self.aborted:
+            raise RuntimeError("cannot switch state from UNWRAPPED to SHUTDOWN")
+        super().close()
+
+
+async def test_peer_close_on_a_transport_that_refuses_close_aborts_quietly() -> None:
+    framing = WsFraming(client=False, max_message_size=1 << 20, close_timeout=0.5,
+                        mask_key=lambda n: MASK)
+    transport = RefusingCloseTransport()
+    framing.attach(transport)
+    framing.data_received(masked(Opcode.CLOSE, struct.pack("!H", CLOSE_GOING_AWAY)))
+    with pytest.raises(ConnectionClosedOK):
+        await recv_now(framing)
+    assert transport.aborted and transport.closing

@@ -538,7 +538,23 @@ class WsFraming(asyncio.BufferedProtocol):
         elif self._rcvd_then_sent is None:
             self._rcvd_then_sent = False
         if not self.client:
-            self.transport.close()  # RFC 6455 7.1.1: the server closes the TCP first
+            self._close_transport()  # RFC 6455 7.1.1: the server closes the TCP first
+
+    def _close_transport(self) -> None:
+        """Close the connection; abort it where the transport refuses an orderly close.
+
+        The stock asyncio TLS transport raises RuntimeError from ``close()`` once the peer
+        has already ended TLS (state UNWRAPPED), and raising here, inside the transport's
+        read callback, would be logged as a fatal error with a traceback (found by the B-1
+        live fuzzer). The peer is gone from TLS either way, so an abort loses nothing.
+        """
+        transport = self.transport
+        if transport.is_closing():
+            return
+        try:
+            transport.close()
+        except RuntimeError:
+            transport.abort()
 
     # ------------------------------------------------------------ writing and closing
 

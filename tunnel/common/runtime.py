@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 __all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "LINK_NOTSENT_LOWAT", "NO_UVLOOP_ENV",
-           "AcceptErrorFilter", "limit_unsent", "run", "setup_logging"]
+           "AcceptErrorFilter", "RateLimitedLogger", "limit_unsent", "run", "setup_logging"]
 
 #: Set to 1 to run on the stock asyncio loop even where uvloop is installed.
 NO_UVLOOP_ENV = "TUNNEL_NO_UVLOOP"
@@ -47,6 +47,34 @@ def limit_unsent(sock: Any) -> None:
         log.debug("TCP_NOTSENT_LOWAT not set: %s", exc)
 
 
+class RateLimitedLogger:
+    """Logs a warning at most once per interval; counts what it swallowed meanwhile.
+
+    For floods (refused visitors, failed accepts): one line per interval says it is still
+    happening and how often, instead of a line per event.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 note: str = "{} similar refusals not logged") -> None:
+        self._logger = logger
+        self._interval = interval
+        self._clock = clock
+        self._note = note
+        self._last: float | None = None
+        self._skipped = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = self._clock()
+        if self._last is not None and now - self._last < self._interval:
+            self._skipped += 1
+            return
+        if self._skipped:
+            message += f" ({self._note.format(self._skipped)})"
+        self._last, self._skipped = now, 0
+        self._logger.warning(message, *args)
+
+
 class AcceptErrorFilter:
     """The event loop's exception handler: EMFILE and kin on ``accept()`` become one warning.
 
@@ -59,10 +87,8 @@ class AcceptErrorFilter:
 
     def __init__(self, interval: float = ACCEPT_ERROR_LOG_INTERVAL,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = interval
-        self.clock = clock
-        self._last: float | None = None
-        self.suppressed = 0
+        self._log = RateLimitedLogger(log, interval, clock=clock,
+                                      note="{} more since the last report")
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
@@ -70,14 +96,8 @@ class AcceptErrorFilter:
                 and "accept" in str(context.get("message", ""))):
             loop.default_exception_handler(context)
             return
-        now = self.clock()
-        if self._last is not None and now - self._last < self.interval:
-            self.suppressed += 1
-            return
-        skipped = f" ({self.suppressed} more since the last report)" if self.suppressed else ""
-        self._last, self.suppressed = now, 0
-        log.warning("cannot accept new connections: %s (out of file descriptors?); "
-                    "retrying%s", exc.strerror or exc, skipped)
+        self._log.warning("cannot accept new connections: %s (out of file descriptors?); "
+                          "retrying", exc.strerror or exc)
 
 
 def setup_logging(level: str) -> None:

@@ -15,6 +15,7 @@ import time
 
 from ..common.errors import LocalProtocolError
 from ..common.link import StreamSocket, abort_with_reset
+from ..common.runtime import RateLimitedLogger
 from .guard import OpenRate, SourceSlots
 from .registry import TunnelRecord
 
@@ -25,24 +26,6 @@ LISTEN_BACKLOG = 512
 REFUSAL_LOG_INTERVAL = 10.0
 
 
-class RateLimitedLogger:
-    """Logs a warning at most once per interval; counts what it swallowed meanwhile."""
-
-    def __init__(self, logger: logging.Logger, interval: float) -> None:
-        self._logger = logger
-        self._interval = interval
-        self._last = -interval
-        self._skipped = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            self._skipped += 1
-            return
-        if self._skipped:
-            message += f" ({self._skipped} similar refusals not logged)"
-        self._last, self._skipped = now, 0
-        self._logger.warning(message, *args)
 log = logging.getLogger("tunnel.server.listeners")
 limited_log = RateLimitedLogger(log, REFUSAL_LOG_INTERVAL)
 

@@ -14,7 +14,7 @@ import pytest
 import tunnel
 
 PACKAGE = Path(tunnel.__file__).resolve().parent
-CORE = ["frames", "mux", "messages", "auth", "secret", "portset", "errors", "config", "yamlsafe",
+CORE = ["frames", "mux", "ratelimit", "messages", "auth", "secret", "portset", "errors", "config", "yamlsafe",
         "configbase", "config_dashboard", "credentials", "fingerprint", "telemetry_schema"]
 CORE_FILES = [PACKAGE / "common" / f"{name}.py" for name in CORE]
 

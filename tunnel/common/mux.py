@@ -45,6 +45,7 @@ from .frames import (
     encode_frame,
     iter_frames,
 )
+from .ratelimit import TokenBucket
 
 __all__ = [
     "DEFAULT_MAX_STREAMS",
@@ -188,30 +189,24 @@ def _frozen_clock() -> float:
     return 0.0
 
 
-@dataclass(slots=True)
 class RateLimit:
-    """A token bucket: ``limit`` events per ``period`` seconds, bursts up to ``burst``
-    (``limit`` when not given)."""
+    """``limit`` events per ``period`` seconds, bursts up to ``burst`` (``limit`` when not
+    given): a :class:`TokenBucket` that starts full at the first event it sees."""
 
-    limit: int
-    period: float
-    burst: int = 0
-    _tokens: float = -1.0
-    _stamp: float = 0.0
+    __slots__ = ("_bucket", "burst", "limit", "period")
+
+    def __init__(self, limit: int, period: float, burst: int = 0) -> None:
+        self.limit = limit
+        self.period = period
+        self.burst = burst
+        self._bucket: TokenBucket | None = None
 
     def allow(self, now: float) -> bool:
         """Take one token at time ``now``; False once the peer has gone over the rate."""
-        capacity = float(self.burst or self.limit)
-        if self._tokens < 0:
-            self._tokens, self._stamp = capacity, now
-        elif now > self._stamp:
-            refill = (now - self._stamp) * self.limit / self.period
-            self._tokens = min(capacity, self._tokens + refill)
-            self._stamp = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        if self._bucket is None:
+            self._bucket = TokenBucket(self.limit / self.period,
+                                       float(self.burst or self.limit), now)
+        return self._bucket.take(now)
 
 
 @dataclass(slots=True)

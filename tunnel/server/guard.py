@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from ..common.ratelimit import TokenBucket
+
 __all__ = [
     "FAILURES_BEFORE_PENALTY",
     "MAX_PENALTY_ENTRIES",
@@ -94,31 +96,6 @@ class SourceSlots:
 
 
 PreAuthSlots = SourceSlots  # the name the login path uses
-
-
-class TokenBucket:
-    """``rate`` events per second on average, bursts of up to ``burst`` events.
-
-    Refilled lazily from the clock passed in, so it costs nothing while idle.
-    """
-
-    __slots__ = ("_burst", "_rate", "_stamp", "_tokens")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._tokens = burst
-        self._stamp = now
-
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one."""
-        elapsed = max(0.0, now - self._stamp)
-        self._stamp = now
-        self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
 
 
 class OpenRate:

@@ -14,8 +14,9 @@ import pytest
 import tunnel
 
 PACKAGE = Path(tunnel.__file__).resolve().parent
-CORE = ["frames", "mux", "ratelimit", "messages", "auth", "secret", "portset", "errors", "config", "yamlsafe",
-        "configbase", "config_dashboard", "credentials", "fingerprint", "telemetry_schema"]
+CORE = ["frames", "mux", "ratelimit", "messages", "auth", "secret", "portset", "errors",
+        "config", "yamlsafe", "configbase", "config_dashboard", "credentials", "fingerprint",
+        "telemetry_schema"]
 CORE_FILES = [PACKAGE / "common" / f"{name}.py" for name in CORE]
 
 #: Event loops, sockets, clocks, threads, processes and network stacks.

@@ -33,6 +33,7 @@ from tunnel.client.telemetry import (
 )
 
 HAS_PROC = Path("/proc/stat").exists() and Path("/proc/meminfo").exists()
+MIB = 1 << 20
 GIB = 1 << 30
 EMPTY_GPU = {"index": 0, "name": None, "utilization": None, "memory_used": None,
              "memory_total": None, "temperature": None, "power_watts": None}
@@ -375,6 +376,50 @@ class FakePynvml:
 
     def nvmlDeviceGetPowerUsage(self, handle: dict[str, object]) -> object:
         return self._read(handle, "power_mw")
+
+
+class NVMLError_FunctionNotFound(FakeNvmlError):
+    def __str__(self) -> str:
+        return "Function Not Found"
+
+
+RESERVED = 600 * MIB
+"""What a driver reserves for itself: counted as used by NVML's v1 call, apart by v2."""
+
+
+class FakePynvmlV2(FakePynvml):
+    """Bindings with ``nvmlMemory_v2``; ``v2_error`` stands for a driver without the call."""
+
+    nvmlMemory_v2 = 0x2000028
+
+    def __init__(self, devices: list[dict[str, object]],
+                 v2_error: FakeNvmlError | None = None) -> None:
+        super().__init__(devices)
+        self.v2_error = v2_error
+
+    def nvmlDeviceGetMemoryInfo(self, handle: dict[str, object],
+                                version: object = None) -> SimpleNamespace:
+        if version is None:  # v1: the reservation counts as used
+            v1 = super().nvmlDeviceGetMemoryInfo(handle)
+            return SimpleNamespace(used=v1.used + RESERVED, total=v1.total, free=v1.free)
+        assert version == self.nvmlMemory_v2
+        if self.v2_error is not None:
+            raise self.v2_error
+        v2 = super().nvmlDeviceGetMemoryInfo(handle)
+        return SimpleNamespace(used=v2.used, total=v2.total, free=v2.free, reserved=RESERVED)
+
+
+def test_nvml_memory_used_is_counted_as_nvidia_smi_does() -> None:
+    """v2 where the bindings have it: an idle GPU reads 0 used, not the driver's reservation."""
+    gpus, _ = NvmlGpus(FakePynvmlV2([device(mem=(0, 80 * GIB))])).sample()
+    assert (gpus[0]["memory_used"], gpus[0]["memory_total"]) == (0, 80 * GIB)
+
+
+def test_nvml_memory_falls_back_to_v1_on_old_drivers() -> None:
+    nvml = FakePynvmlV2([device(mem=(GIB, 80 * GIB))], v2_error=NVMLError_FunctionNotFound())
+    gpus, status = NvmlGpus(nvml).sample()
+    assert status == "ok"
+    assert (gpus[0]["memory_used"], gpus[0]["memory_total"]) == (GIB + RESERVED, 80 * GIB)
 
 
 def device(name: object = "NVIDIA H100 80GB HBM3", **readings: object) -> dict[str, object]:

@@ -134,8 +134,8 @@ class _Nvml:
     def __init__(self, module: object) -> None:
         self._module = module
 
-    def _call(self, name: str, *args: object) -> object:
-        result: object = getattr(self._module, name)(*args)
+    def _call(self, name: str, *args: object, **kwargs: object) -> object:
+        result: object = getattr(self._module, name)(*args, **kwargs)
         return result
 
     def init(self) -> None:
@@ -163,6 +163,20 @@ class _Nvml:
         return _field(self._call("nvmlDeviceGetUtilizationRates", handle), "gpu")
 
     def memory(self, handle: object) -> tuple[object, object]:
+        """``(used, total)`` bytes, ``used`` counted as ``nvidia-smi`` counts it.
+
+        NVML's first memory call counts the driver's own reservation as used (about 600 MiB
+        on an idle H200 whose ``nvidia-smi`` says 0 MiB); its ``_v2`` form reports that
+        reservation apart. A researcher compares the page with ``nvidia-smi``, so v2 is asked
+        first, and v1 kept for bindings and drivers without it.
+        """
+        version = getattr(self._module, "nvmlMemory_v2", None)
+        if version is not None:
+            try:
+                info = self._call("nvmlDeviceGetMemoryInfo", handle, version=version)
+                return _field(info, "used"), _field(info, "total")
+            except Exception:  # e.g. NVMLError_FunctionNotFound on drivers before 510
+                pass
         info = self._call("nvmlDeviceGetMemoryInfo", handle)
         return _field(info, "used"), _field(info, "total")
 

@@ -740,6 +740,24 @@ def test_S5_penalty_schedule_with_injected_clock(size: Size) -> None:
     assert table.retry_after("10.0.0.1") == 0.0  # the oldest entry was dropped
 
 
+async def test_S5_abandoned_logins_are_not_penalised(tmp_path: Path) -> None:
+    """Logins that drop before answering the challenge (a slow or overloaded moment, many
+    boxes behind one NAT address) guessed nothing: twice the free failures of them from one
+    address, and a real client from that address still logs in at once, unthrottled."""
+    echo = EchoService()
+    await echo.start()
+    (port,) = free_ports(1)
+    relay, url = await start_server(tmp_path, server_config(tmp_path, [port]))
+    for _ in range(2 * FAILURES_BEFORE_PENALTY):
+        ws, _nonce = await _open(url, "127.0.0.1")
+        await ws.close()
+    client = await start_client(url, ALPHA_TOKEN, [f"{echo.target}:fixed-{port}"])
+    assert await wait_tunnel(client, echo.target, mode="fixed", timeout=5.0) == port
+    await echo_check(port, 64 * 1024)
+    await relay.wait_for_line(r"login from \S+ abandoned", stream="stderr")
+    assert "penalised" not in relay.stderr
+
+
 async def test_S5_relay_throttles_bad_logins_per_source(tmp_path: Path, variant: Variant,
                                                         size: Size) -> None:
     """The real relay: bad logins from one address, 400 over 4.6 s (fast) or the

@@ -184,7 +184,10 @@ class ControlHandler:
             log.info("login from %s abandoned: %s", source, _describe(exc))
             if isinstance(exc, RemoteProtocolError):
                 self.relay.counters.protocol_errors += 1
-            self.relay.penalties.failed(source)
+                self.relay.penalties.failed(source)
+            # A login that timed out or dropped guessed nothing: penalising it would lock a
+            # whole lab behind one NAT address out after a slow moment (a relay busy with
+            # 200 logins at once timed some out and then refused the rest with 429s).
             await _close_quietly(link, CLOSE_AUTH_FAILED, "handshake failed")
             return None
         if name is None:

@@ -95,3 +95,23 @@ def test_credit_does_not_resume_a_stream_before_the_link_drains() -> None:
     for paused in list(link.paused):  # what the link's writer does at the low-water mark
         paused.link_drained()
     assert transport.reading
+
+
+def test_a_full_link_pauses_every_stream_not_only_the_one_that_read() -> None:
+    """Many sockets readable in one loop turn (reliability L-1): once the queue passes high
+    water, every stream stops reading, so the relay holds ~one mark plus one read, not one
+    read per visitor; all resume together when the link drains."""
+    link = _link()
+    socks = [_socket(link, stream_id) for stream_id in range(1, 200, 2)]
+    first, first_transport = socks[0]
+    first.data_received(b"x" * (LINK_HIGH_WATER + 1))
+    assert all(not transport.reading for _, transport in socks)
+    assert link.paused == {sock for sock, _ in socks}
+    for _ in range(1000):  # the writer drains the link to low water
+        if link.mux.pending_data_bytes <= LINK_LOW_WATER:
+            break
+        link.mux.next_message()
+    for sock in list(link.paused):
+        sock.link_drained()
+    assert all(transport.reading for _, transport in socks[1:])  # no backlog: all resume
+    assert not link.paused or link.paused == {first}  # first resumes once its backlog is sent

@@ -165,7 +165,10 @@ class StreamSocket(asyncio.Protocol):
         # high-water mark here, streams that happened to be reading kept the queue between
         # the two marks, the link never drained to low water, and every stream paused
         # meanwhile starved (F-4: 2 of 32 streams took 22x the share of the others).
-        if self._backlog or link.mux.pending_data_bytes > LINK_LOW_WATER:
+        pending = link.mux.pending_data_bytes
+        if pending > LINK_HIGH_WATER:
+            link.pause_all()
+        elif self._backlog or pending > LINK_LOW_WATER:
             self._pause_reading(link)
 
     def eof_received(self) -> bool:
@@ -278,6 +281,11 @@ class StreamSocket(asyncio.Protocol):
                 self.link.forget(self)
             self.transport.close()
 
+    def pause_for_link(self, link: Link) -> None:
+        """Pause reading because the whole link is full (see :meth:`Link.pause_all`)."""
+        if not self.closed:
+            self._pause_reading(link)
+
     def _pause_reading(self, link: Link) -> None:
         if not self._reading_paused and self.transport is not None:
             self._reading_paused = True
@@ -381,6 +389,19 @@ class Link:
     def kick(self) -> None:
         """Output is waiting: wake the writer."""
         self._wake.set()
+
+    def pause_all(self) -> None:
+        """Stop reading every stream's socket: the link's queue is above high water.
+
+        Pausing only the stream that just read is not enough when many sockets are readable
+        in one loop turn: each reads once (up to 256 KiB) before its own check pauses it, so
+        1000 visitors queued ~250 MiB in the relay (reliability L-1). Paused streams are the
+        readable ones still due this turn too: the loop skips a reader removed meanwhile.
+        They all resume together at low water (:meth:`StreamSocket.link_drained`), so the
+        queue stays near ``LINK_HIGH_WATER`` plus one read, and no stream is favoured.
+        """
+        for sock in self.streams.values():
+            sock.pause_for_link(self)
 
     def forget(self, sock: StreamSocket) -> None:
         if self.streams.get(sock.stream_id) is sock:

@@ -664,6 +664,36 @@ async def test_B8_slowloris_is_capped_per_source_and_timed_out(
     assert logins and max(logins) < LOGIN_BOUND, logins
 
 
+@pytest.mark.tls_only
+async def test_B8_excess_is_refused_before_any_tls_work(tmp_path: Path, variant: Variant) -> None:
+    """With TLS on, the cap applies at TCP accept, before the TLS handshake: 32 silent
+    connections (no ClientHello) from one address hold its slots, and the 33rd is reset at
+    once instead of costing the relay a handshake and waiting out its deadline. Plain ws://
+    has always counted from accept; TLS used to count only after the handshake."""
+    (port,) = free_ports(1)
+    _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
+    source = "127.0.0.7"
+    silent = [await _raw_connect(url, source, tls=False)
+              for _ in range(MAX_PREAUTH_PER_SOURCE)]
+    try:
+        reader, writer = await _raw_connect(url, source, tls=False)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT / 2):
+                refused = await reader.read(1) == b""
+        except ConnectionResetError:
+            refused = True
+        except TimeoutError:
+            refused = False  # held: the relay is waiting for a TLS handshake
+        finally:
+            await close_writer(writer)
+        assert refused and time.monotonic() - started < AT_ONCE
+        assert await _timed_login(url) < LOGIN_BOUND  # another address is not affected
+    finally:
+        for _, held in silent:
+            await close_writer(held)
+
+
 async def test_B8_unauthenticated_connections_are_capped_in_total(
         tmp_path: Path, variant: Variant) -> None:
     """17 addresses, 32 dribblers each (544): the relay holds at most 512 at once and resets

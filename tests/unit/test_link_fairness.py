@@ -103,7 +103,7 @@ def test_a_full_link_pauses_every_stream_not_only_the_one_that_read() -> None:
     read per visitor; all resume together when the link drains."""
     link = _link()
     socks = [_socket(link, stream_id) for stream_id in range(1, 200, 2)]
-    first, first_transport = socks[0]
+    first, _ = socks[0]
     first.data_received(b"x" * (LINK_HIGH_WATER + 1))
     assert all(not transport.reading for _, transport in socks)
     assert link.paused == {sock for sock, _ in socks}

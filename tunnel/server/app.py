@@ -42,6 +42,7 @@ from .guard import (
 from .leases import LeaseBook, SqliteLeaseStore
 from .listeners import LISTEN_BACKLOG, bind_public_port
 from .monitor import Monitor
+from .preauth import preauth_connection
 from .registry import Registry
 from .stats import LinkCounters
 
@@ -125,10 +126,12 @@ class Relay:
         self._ws_server = await serve(
             self.control, self.config.listen_host, self.config.listen_port,
             process_request=self.control.process_request,
-            create_connection=self.control.connection_class,
+            # The connection class takes a pre-auth slot at TCP accept, then does TLS itself
+            # (preauth.py says why), so serve() gets no ssl context.
+            create_connection=preauth_connection(self.preauth, ssl_context, HANDSHAKE_TIMEOUT),
             compression=None, max_size=MAX_MESSAGE_SIZE, ping_interval=None,
             open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0,
-            server_header=None, ssl=ssl_context,
+            server_header=None, ssl=None,
             # A burst of connects (B-8) must not drop a legitimate client's SYN (1 s retry).
             backlog=LISTEN_BACKLOG,
         )

@@ -26,19 +26,19 @@ from ..common.auth import NONCE_SIZE, PROOF_SIZE, identify, login_message, new_n
 from ..common.credentials import verify
 from ..common.errors import ClaimRefused, RemoteProtocolError
 from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
-from ..common.link import Link, LinkClosed, abort_with_reset
+from ..common.link import Link, LinkClosed
 from ..common.mux import GoAwayCode, Mux, Role
 from ..common.telemetry_schema import normalize as normalize_telemetry
 from ..common.wsframing import framing_enabled, set_max_message_size, take_over
-from .guard import SourceSlots, claim_refusal
-from .listeners import bind_public_port, limited_log, port_is_free
+from .guard import claim_refusal
+from .listeners import bind_public_port, port_is_free
+from .preauth import PreAuthConnection
 from .registry import REPLACEMENT_FLAG
 
 if TYPE_CHECKING:
     from .app import Relay
 
-__all__ = ["AUTH_FAILED", "HANDSHAKE_TIMEOUT", "PRE_AUTH_MAX_MESSAGE", "ControlHandler",
-           "PreAuthConnection", "preauth_connection"]
+__all__ = ["AUTH_FAILED", "HANDSHAKE_TIMEOUT", "PRE_AUTH_MAX_MESSAGE", "ControlHandler"]
 
 HANDSHAKE_TIMEOUT = 5.0
 #: Largest message accepted before the peer authenticated.
@@ -56,44 +56,6 @@ IDENTITY_FIELDS = ("client", "client_id", "name", "identity", "owner", "user", "
 log = logging.getLogger("tunnel.server.control")
 
 
-class PreAuthConnection(ServerConnection):
-    """A control connection that holds a pre-auth slot from TCP accept until login ends.
-
-    Counting from accept, not from the finished WebSocket upgrade, is what caps a slowloris
-    that dribbles its upgrade request (B-8, OpenSSH ``MaxStartups``): the excess is reset at
-    once instead of waiting for ``open_timeout``. :func:`preauth_connection` binds ``slots``.
-    """
-
-    slots: SourceSlots = SourceSlots()
-    preauth_source: str | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        source = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        if not self.slots.acquire(source):
-            limited_log.warning("control port: too many unauthenticated connections; "
-                                "refusing %s", source)
-            abort_with_reset(transport)
-            return
-        self.preauth_source = source
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.release_preauth()
-        super().connection_lost(exc)
-
-    def release_preauth(self) -> None:
-        """Give the slot back (idempotent): on login success or failure, or on close."""
-        if self.preauth_source is not None:
-            self.slots.release(self.preauth_source)
-            self.preauth_source = None
-
-
-def preauth_connection(slots: SourceSlots) -> type[PreAuthConnection]:
-    """A :class:`PreAuthConnection` class counting against ``slots`` (``create_connection``)."""
-    return type("RelayConnection", (PreAuthConnection,), {"slots": slots})
-
-
 class ControlHandler:
     """The websockets handler of the relay's control listener."""
 
@@ -101,8 +63,6 @@ class ControlHandler:
         self.relay = relay
         self.clock = clock
         self._claim_lock = asyncio.Lock()
-        #: Pass as ``create_connection`` to ``serve``: caps unauthenticated connections.
-        self.connection_class = preauth_connection(relay.preauth)
 
     # ------------------------------------------------------------ before the upgrade
 

@@ -1,0 +1,171 @@
+"""Fuzz targets for the parsers that read untrusted bytes off the link (reliability B-1).
+
+``one_input(data)`` is the whole contract: it must return for any ``data``, and raise only
+``AssertionError`` (a broken invariant, which the fuzzer reports with the input). Atheris
+drives it coverage-guided (``fuzz_link.py``, 10 min at night); CI runs it on seeds and on
+random bytes, so the harness itself cannot rot. The first byte picks the target:
+
+- frame codec: ``decode_frames`` returns frames or raises ``FrameError``, nothing else;
+  what decodes, re-encodes to the same bytes.
+- multiplexer: a sequence of link messages into ``Mux.receive`` (either role) raises only
+  ``RemoteProtocolError``; whatever the mux queues in reply decodes cleanly, and its byte
+  counters never go negative.
+- WebSocket framing: bytes into our RFC 6455 parser (``WsFraming``, either side) in the
+  read sizes a transport would use; nothing escapes it, no delivered message is above the
+  size cap, and after it failed the connection nothing more is delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+from tunnel.common.errors import FrameError, RemoteProtocolError
+from tunnel.common.frames import decode_frames, encode_frame
+from tunnel.common.mux import Mux, Role
+from tunnel.common.wsframing import WsFraming
+
+__all__ = ["SEEDS", "TARGETS", "one_input"]
+
+MAX_CHUNKS = 64
+"""Link messages (or reads) per input: enough for any state, bounded per run."""
+WS_MAX_MESSAGE = 1 << 16
+_CHUNK_LEN = struct.Struct("!H")
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    """Split ``data`` into length-prefixed pieces (2-byte big-endian lengths)."""
+    pieces: list[bytes] = []
+    pos = 0
+    while pos + _CHUNK_LEN.size <= len(data) and len(pieces) < MAX_CHUNKS:
+        (size,) = _CHUNK_LEN.unpack_from(data, pos)
+        pos += _CHUNK_LEN.size
+        pieces.append(data[pos:pos + size])
+        pos += size
+    if pos < len(data) and len(pieces) < MAX_CHUNKS:
+        pieces.append(data[pos:])
+    return pieces
+
+
+def fuzz_frames(data: bytes) -> None:
+    try:
+        frames = decode_frames(data)
+    except FrameError:
+        return
+    assert b"".join(encode_frame(frame) for frame in frames) == data
+
+
+def fuzz_mux(data: bytes) -> None:
+    if not data:
+        return
+    mux = Mux(Role.RELAY if data[0] & 1 else Role.CLIENT)
+    for message in _chunks(data[1:]):
+        try:
+            mux.receive(message)
+        except RemoteProtocolError:
+            return
+        finally:
+            assert mux.pending_data_bytes >= 0 and mux.urgent_bytes() >= 0
+        while (out := mux.next_message()) is not None:
+            decode_frames(out)  # our own replies are always well-formed
+
+
+class _Transport(asyncio.Transport):
+    """Takes writes and close calls; the parser under test never touches a socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol: Any = None
+        self.closing = False
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def writelines(self, list_of_data: Any) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+async def _feed_ws(data: bytes) -> None:
+    framing = WsFraming(client=bool(data[0] & 1), max_message_size=WS_MAX_MESSAGE,
+                        close_timeout=0.01, mask_key=lambda n: b"\x01\x02\x03\x04")
+    transport = _Transport()
+    framing.attach(transport)
+    buffered = bool(data[0] & 2)
+    for piece in _chunks(data[1:]):
+        if transport.closing:
+            break
+        if buffered:  # as a transport drives a BufferedProtocol (TLS off, uvloop)
+            pos = 0
+            while pos < len(piece) and not transport.closing:
+                buf = framing.get_buffer(-1)
+                size = min(len(buf), len(piece) - pos)
+                buf[:size] = piece[pos:pos + size]
+                del buf  # a transport lets go of the view before calling back
+                framing.buffer_updated(size)
+                pos += size
+        else:  # as a transport that hands over bytes (asyncio's TLS)
+            framing.data_received(piece)
+    delivered = framing._queued
+    for message in list(framing._queue):
+        assert len(message) <= WS_MAX_MESSAGE
+    if transport.closing:
+        framing.data_received(b"\x82\x01x")  # a frame after the failure: ignored
+        assert framing._queued == delivered
+    framing.connection_lost(None)
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def fuzz_wsframing(data: bytes) -> None:
+    if not data:
+        return
+    global _LOOP
+    if _LOOP is None:
+        _LOOP = asyncio.new_event_loop()
+    _LOOP.run_until_complete(_feed_ws(data))
+
+
+TARGETS = (fuzz_frames, fuzz_mux, fuzz_wsframing)
+
+
+def one_input(data: bytes) -> None:
+    if data:
+        TARGETS[data[0] % len(TARGETS)](data[1:])
+
+
+SEEDS = [
+    b"\x00" + bytes.fromhex("01 00 00 00 01 00 00 00 03") + b"abc",
+    b"\x01\x00" + _CHUNK_LEN.pack(9) + bytes.fromhex("01 00 00 00 01 00 00 00 00"),
+    b"\x02\x00" + _CHUNK_LEN.pack(11) + bytes.fromhex("82 85 01 02 03 04") + b"hello",
+    b"\x02\x03" + _CHUNK_LEN.pack(7) + bytes.fromhex("82 05") + b"hello",
+]
+"""A start for the fuzzer per target (not necessarily valid frames: it mutates them)."""

@@ -344,9 +344,12 @@ async def start_client(
     exposes: Sequence[str],
     env: Mapping[str, str] | None = None,
     name: str = "tunnel-client",
+    extra: Sequence[str] = (),
 ) -> Proc:
-    """Start a client; ``url``/``token`` of None are left out (e.g. given through ``env``)."""
-    args: list[str] = []
+    """Start a client; ``url``/``token`` of None are left out (e.g. given through ``env``).
+
+    ``extra`` are further command-line arguments (``--source-address 127.0.0.9``)."""
+    args: list[str] = list(extra)
     if url is not None:
         args += ["--server", url]
         if url in PINS:  # a relay this test started with TLS: pin its key, as users do

@@ -157,6 +157,20 @@ async def test_other_client_cannot_take_fixed_port(tmp_path: Path) -> None:
     assert alpha_service.connections == 1
 
 
+async def test_client_connects_from_its_source_address(tmp_path: Path) -> None:
+    """``--source-address`` picks the link's local address (frp's connectServerLocalIP):
+    the relay sees the client coming from 127.0.0.9, and the tunnel carries bytes."""
+    service = EchoService()
+    await service.start()
+    (port,) = free_ports(1)
+    relay, url = await start_server(tmp_path, server_config(tmp_path, [port]))
+    client = await start_client(url, ALPHA_TOKEN, [f"{service.target}:fixed-{port}"],
+                                extra=["--source-address", "127.0.0.9"])
+    assert await wait_tunnel(client, service.target, mode="fixed") == port
+    await relay.wait_for_line(r"client alpha online from 127\.0\.0\.9 ", stream="stderr")
+    await echo_check(port, seed=9)
+
+
 async def test_wrong_token_refused_exits_nonzero(tmp_path: Path) -> None:
     service = EchoService()
     await service.start()

@@ -219,3 +219,28 @@ def test_tokens_never_in_any_message(tmp_path: Path) -> None:
         _resolve(config_path=path, token=FLAG_TOKEN, env={"TUNNEL_TOKEN": ENV_TOKEN})
     for token in (*ALL_TOKENS, "u:p"):
         assert token not in str(info.value)
+
+
+# --- source address ------------------------------------------------------------------------
+
+
+def test_source_address_from_flag_beats_file_and_is_normalized(tmp_path: Path) -> None:
+    path = _write_file(tmp_path, _FILE + "source_address: 10.0.0.7\n")
+    assert _resolve(config_path=path).source_address == "10.0.0.7"
+    flagged = resolve_client_settings(server=None, token=None, exposes=(), config_path=path,
+                                      env={}, source_address="[2001:DB8::1]")
+    assert flagged.source_address == "2001:db8::1"
+    assert _resolve(server="vps:7000", token=FLAG_TOKEN, exposes=["22"]).source_address is None
+
+
+def test_source_address_must_be_an_ip(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as flag_error:
+        resolve_client_settings(server="vps:7000", token=FLAG_TOKEN, exposes=["22"],
+                                config_path=None, env={}, source_address="eth0")
+    assert str(flag_error.value).startswith("--source-address")
+    assert "'eth0' is not an IP address" in str(flag_error.value)
+    path = _write_file(tmp_path, _FILE + "source_address: lab-uplink\n")
+    with pytest.raises(ConfigError) as file_error:
+        _resolve(config_path=path)
+    text = str(file_error.value)
+    assert "client.yaml" in text and "source_address" in text and "line 6" in text, text

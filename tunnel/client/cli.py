@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--insecure", action="store_true",
                         help="allow plain ws:// to a non-loopback relay (TLS terminated "
                              "elsewhere on a trusted network)")
+    parser.add_argument("--source-address", metavar="IP",
+                        help="connect to the relay from this local address (hosts with "
+                             "several uplinks)")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -70,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = resolve_client_settings(server=args.server, token=args.token,
                                            exposes=args.expose, config_path=args.config,
                                            env=os.environ, fingerprint=args.fingerprint,
-                                           ca_file=args.ca_file, insecure=args.insecure)
+                                           ca_file=args.ca_file, insecure=args.insecure,
+                                           source_address=args.source_address)
     except ConfigError as exc:
         print(_message(exc), file=sys.stderr)
         return EXIT_CONFIG

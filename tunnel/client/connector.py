@@ -167,13 +167,18 @@ class Connector:
         self.dialer.cancel()
         self.telemetry.close()
 
+    def _local_addr(self) -> tuple[str, int] | None:
+        source = self.settings.source_address
+        return None if source is None else (source, 0)
+
     async def _session(self, stop: asyncio.Event) -> bool:
         """One link from connect to close; returns whether tunnels went live."""
         async with connect(self.settings.server_url, compression=None,
                            max_size=MAX_MESSAGE_SIZE, ping_interval=None,
                            open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0, proxy=None,
                            user_agent_header=f"tunnel-client/{__version__}",
-                           ssl=self.ssl, create_connection=self.connection_class) as ws:
+                           ssl=self.ssl, create_connection=self.connection_class,
+                           local_addr=self._local_addr()) as ws:
             limit_unsent(ws.transport.get_extra_info("socket"))
             link = Link(ws, Mux(Role.CLIENT), name="-", logger=log,
                         heartbeat_interval=HEARTBEAT_BOUNDS[1],

@@ -58,7 +58,7 @@ MAX_EXPOSES = 256
 
 _SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
 _FILE_KEYS = ("server", "token", "token_env", "token_file", "key", "name", "fingerprint",
-              "ca_file", "insecure", "expose")
+              "ca_file", "insecure", "expose", "source_address")
 _URL_FORMS = '"HOST:PORT", "ws://HOST:PORT[/PATH]" or "wss://HOST:PORT[/PATH]"'
 _UNSAFE_URL_CHARS = re.compile(r"[\s?#@\\]")
 
@@ -78,6 +78,8 @@ class ClientSettings:
     """Pinned SHA-256 of the relay certificate's public key; replaces CA verification."""
     ca_file: Path | None = None
     insecure: bool = False
+    source_address: str | None = None
+    """Local IP address the link connects from (multi-homed hosts); ``None``: the OS picks."""
 
 
 class _BadUrl(Exception):
@@ -319,10 +321,43 @@ def _check_unique_remote(specs: Sequence[ExposeSpec]) -> None:
                               f"{first.target} and {spec.target})")
 
 
+def _source_address(flag: str | None, file: _FileSettings | None) -> str | None:
+    """The link's local address: an IP literal, from ``--source-address`` or the file.
+
+    frp calls this ``connectServerLocalIP``: a box with two uplinks picks the one the relay
+    should see (and allow), and tests give each client its own loopback address.
+    """
+    if flag is not None:
+        address = _ip_literal(flag)
+        if address is None:
+            raise ConfigError("--source-address", "", _not_an_ip(flag))
+        return address
+    if file is None or file.data.get("source_address") is None:
+        return None
+    text = file.ctx.expect_str(file.data["source_address"], "source_address", "an IP address")
+    address = _ip_literal(text)
+    if address is None:
+        raise file.ctx.error("source_address", _not_an_ip(text))
+    return address
+
+
+def _ip_literal(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text.strip().strip("[]")))
+    except ValueError:
+        return None
+
+
+def _not_an_ip(text: str) -> str:
+    return (f"{text[:64]!r} is not an IP address; give one of this host's IPv4 or IPv6 "
+            "addresses to connect from")
+
+
 def resolve_client_settings(*, server: str | None, token: str | None, exposes: Sequence[str],
                             config_path: str | None, env: Mapping[str, str],
                             fingerprint: str | None = None, ca_file: str | None = None,
-                            insecure: bool = False) -> ClientSettings:
+                            insecure: bool = False,
+                            source_address: str | None = None) -> ClientSettings:
     """Merge flags, environment and the optional file (in that precedence) and validate.
 
     The file's ``server`` and ``expose`` are always checked, but its token source is only
@@ -351,4 +386,5 @@ def resolve_client_settings(*, server: str | None, token: str | None, exposes: S
         fingerprint=pin,
         ca_file=Path(ca_file) if ca_file else None,
         insecure=insecure,
+        source_address=_source_address(source_address, file),
     )

@@ -34,6 +34,7 @@ __all__ = [
     "VARIANTS",
     "Proc",
     "Variant",
+    "client_source",
     "free_port_range",
     "free_ports",
     "server_config",
@@ -392,6 +393,14 @@ async def start_tunnel(tmp_path: Path, target: str, **overrides: Any) -> tuple[P
     client = await start_client(url, ALPHA_TOKEN, [f"{target}:fixed-{port}"])
     assert await wait_tunnel(client, target, mode="fixed") == port
     return relay, client, port
+
+
+def client_source(index: int) -> list[str]:
+    """Arguments giving client ``index`` its own loopback address (127.1.0.0/16).
+
+    Real boxes reach a relay from their own addresses; 200 test clients all on 127.0.0.1
+    would instead meet the per-address pre-auth cap (32), which is there for floods."""
+    return ["--source-address", f"127.1.{index // 250}.{index % 250 + 1}"]
 
 
 def url_port(url: str) -> int:

@@ -37,6 +37,7 @@ from tests.e2e.harness import (
     PINS,
     Proc,
     Variant,
+    client_source,
     free_ports,
     server_config,
     start_client,
@@ -660,8 +661,9 @@ async def test_R8_reconnect_storm_is_spread_by_jitter(tmp_path: Path, variant: V
     clients = {f"c{i:03d}": {"token": f"storm-client-token-{i:05d}"} for i in range(count)}
     config = server_config(tmp_path, ports, clients=clients, listen=f"127.0.0.1:{link_port}")
     server, url = await start_server(tmp_path, config)
-    procs = [await start_client(url, spec["token"], [echo.target], name=f"client-{name}")
-             for name, spec in clients.items()]
+    procs = [await start_client(url, spec["token"], [echo.target], name=f"client-{name}",
+                                extra=client_source(i))
+             for i, (name, spec) in enumerate(clients.items())]
     await asyncio.gather(*(wait_tunnel(p, echo.target, timeout=60) for p in procs))
     marks = [(p.mark(), len(p.stderr_lines)) for p in procs]
 

@@ -36,6 +36,7 @@ from tests.e2e.harness import (
     PINS,
     Proc,
     Variant,
+    client_source,
     server_config,
     start_client,
     start_server,
@@ -342,7 +343,7 @@ async def test_L3_many_clients_two_ports_each(tmp_path: Path, variant: Variant,
             start_client(relay.url, tokens[name],
                          [f"{services[0].target}:fixed-{ports[2 * i]}",
                           f"{services[1].target}:fixed-{ports[2 * i + 1]}"],
-                         name=f"tunnel-client-{name}")
+                         name=f"tunnel-client-{name}", extra=client_source(i))
             for i, name in enumerate(names)))
 
         async def live(i: int, proc: Proc) -> None:

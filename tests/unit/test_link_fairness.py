@@ -12,8 +12,14 @@ import logging
 from typing import Any, cast
 
 from tunnel.common.frames import Frame, FrameType, encode_frame
-from tunnel.common.link import LINK_HIGH_WATER, LINK_LOW_WATER, Link, StreamSocket
-from tunnel.common.mux import HEADER_OPEN, MAX_DATA_PAYLOAD, Mux, Role
+from tunnel.common.link import (
+    LINK_CEILING,
+    LINK_HIGH_WATER,
+    LINK_LOW_WATER,
+    Link,
+    StreamSocket,
+)
+from tunnel.common.mux import HEADER_OPEN, INITIAL_WINDOW, MAX_DATA_PAYLOAD, Mux, Role
 
 
 class FakeTransport:
@@ -97,21 +103,55 @@ def test_credit_does_not_resume_a_stream_before_the_link_drains() -> None:
     assert transport.reading
 
 
-def test_a_full_link_pauses_every_stream_not_only_the_one_that_read() -> None:
-    """Many sockets readable in one loop turn (reliability L-1): once the queue passes high
-    water, every stream stops reading, so the relay holds ~one mark plus one read, not one
-    read per visitor; all resume together when the link drains."""
+TO_CEILING = LINK_CEILING // INITIAL_WINDOW
+"""Streams that each queue a full window (frame headers included) to pass the ceiling."""
+
+
+def _drain_to_low_water(link: Link) -> None:
+    for _ in range(10_000):  # what the writer does, bounded
+        if link.mux.pending_data_bytes <= LINK_LOW_WATER:
+            return
+        link.mux.next_message()
+    raise AssertionError("the link did not drain")
+
+
+def test_a_link_past_its_ceiling_pauses_every_stream_not_only_the_one_that_read() -> None:
+    """Many sockets readable in one loop turn (reliability L-1): once the queue passes the
+    ceiling, every stream stops reading, so the relay holds ~the ceiling plus one read, not
+    one read per visitor; all resume together when the link drains."""
     link = _link()
     socks = [_socket(link, stream_id) for stream_id in range(1, 200, 2)]
-    first, _ = socks[0]
-    first.data_received(b"x" * (LINK_HIGH_WATER + 1))
+    for sock, _ in socks[:TO_CEILING - 1]:
+        sock.data_received(b"x" * INITIAL_WINDOW)
+    assert any(transport.reading for _, transport in socks)  # below the ceiling: own turns
+    socks[TO_CEILING - 1][0].data_received(b"x" * INITIAL_WINDOW)
+    assert link.mux.pending_data_bytes > LINK_CEILING
     assert all(not transport.reading for _, transport in socks)
-    assert link.paused == {sock for sock, _ in socks}
-    for _ in range(1000):  # the writer drains the link to low water
-        if link.mux.pending_data_bytes <= LINK_LOW_WATER:
-            break
-        link.mux.next_message()
-    for sock in list(link.paused):
-        sock.link_drained()
-    assert all(transport.reading for _, transport in socks[1:])  # no backlog: all resume
-    assert not link.paused or link.paused == {first}  # first resumes once its backlog is sent
+    assert set(link.paused) == {sock for sock, _ in socks}
+    _drain_to_low_water(link)
+    link.resume_paused()
+    assert all(transport.reading for _, transport in socks)
+    assert not link.paused
+
+
+def test_streams_that_lost_their_turn_resume_first() -> None:
+    """The event loop serves resumed sockets in resume order, so the order of ``paused`` is
+    the order of the next turn: streams paused at the ceiling before they read go first,
+    those that read go last."""
+    link = _link()
+    socks = [_socket(link, stream_id)[0] for stream_id in range(1, 100, 2)]
+    readers, starved = socks[:TO_CEILING], socks[TO_CEILING:]
+    for sock in readers:  # the last one takes the link past its ceiling: all pause
+        sock.data_received(b"r" * INITIAL_WINDOW)
+    order = list(link.paused)
+    assert set(order[:len(starved)]) == set(starved)
+    assert set(order[len(starved):]) == set(readers)
+    _drain_to_low_water(link)
+    turn = link.read_cycle
+    link.resume_paused()
+    assert link.read_cycle == turn + 1
+    now_reading = starved[:TO_CEILING]
+    for sock in now_reading:  # the first resumed read first, and fill the link again
+        sock.data_received(b"s" * INITIAL_WINDOW)
+    order = list(link.paused)
+    assert set(order[-len(now_reading):]) == set(now_reading)  # behind all who did not read

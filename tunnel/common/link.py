@@ -58,6 +58,12 @@ __all__ = [
 #: Queued DATA bytes on a link above which every stream pauses reading its socket.
 LINK_HIGH_WATER = 1024 * 1024
 LINK_LOW_WATER = LINK_HIGH_WATER // 4
+#: Above this, streams that have not read yet in this turn do not get to: with hundreds of
+#: readable sockets, one read each (up to 256 KiB) queued hundreds of MiB (L-1). Below it a
+#: turn lets every readable stream read once, which is what keeps a saturated link fair
+#: (F-4: pausing everyone already at LINK_HIGH_WATER starved 20 of 32 streams). Far above
+#: 32 streams x 256 KiB, so ordinary fan-outs never reach it.
+LINK_CEILING = 16 * 1024 * 1024
 #: A peer that lets this much pile up in our send buffer is not reading: drop it. Our own
 #: writer waits for the buffer to drain long before this, so only replies we cannot hold
 #: back (WebSocket pongs, control replies to a flood) ever get here (reliability B-7).
@@ -115,6 +121,8 @@ class StreamSocket(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._uncredited = 0
+        #: The link's resume cycle in which this stream last read (Link.pause_all's order).
+        self.read_cycle = -1
         self.closed = False
         self.bytes_in = 0  # this connection alone, for the status page
         self.bytes_out = 0
@@ -157,6 +165,7 @@ class StreamSocket(asyncio.Protocol):
         size = len(data)
         self.traffic.bytes_in += size
         self.bytes_in += size
+        self.read_cycle = link.read_cycle
         if self._backlog:
             self._backlog += data
         else:
@@ -166,10 +175,10 @@ class StreamSocket(asyncio.Protocol):
         # the two marks, the link never drained to low water, and every stream paused
         # meanwhile starved (F-4: 2 of 32 streams took 22x the share of the others).
         pending = link.mux.pending_data_bytes
-        if pending > LINK_HIGH_WATER:
-            link.pause_all()
-        elif self._backlog or pending > LINK_LOW_WATER:
+        if self._backlog or pending > LINK_LOW_WATER:
             self._pause_reading(link)
+        if pending > LINK_CEILING:
+            link.pause_all()
 
     def eof_received(self) -> bool:
         self._local_eof = True
@@ -290,14 +299,14 @@ class StreamSocket(asyncio.Protocol):
         if not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
-            link.paused.add(self)
+            link.paused[self] = None
 
     def _resume_reading(self) -> None:
         if self._reading_paused and self.transport is not None and not self.closed:
             self._reading_paused = False
             self.transport.resume_reading()
         if self.link is not None:
-            self.link.paused.discard(self)
+            self.link.paused.pop(self, None)
 
     def check_reset(self) -> None:
         """Notice a peer's RST while reading is paused.
@@ -323,10 +332,13 @@ class StreamSocket(asyncio.Protocol):
     def detached(self) -> None:
         """The stream left its link (finished, reset or the link died); a hook."""
 
-    def link_drained(self) -> None:
-        """The link's queue fell below the low-water mark."""
-        if not self._backlog:
-            self._resume_reading()
+    def link_drained(self) -> bool:
+        """The link's queue fell below the low-water mark; returns whether this resumed."""
+        if self._backlog:
+            return False
+        was_paused = self._reading_paused
+        self._resume_reading()
+        return was_paused
 
 
 OpenHandler = Callable[["Link", StreamOpened], None]
@@ -350,7 +362,11 @@ class Link:
         #: Set when the peer broke the protocol (the relay counts these; reliability B-3).
         self.protocol_error: str | None = None
         self.streams: dict[int, StreamSocket] = {}
-        self.paused: set[StreamSocket] = set()
+        #: Streams not reading because the link is full, in the order they resume: a dict
+        #: for its order (streams that were starved go first; see pause_all).
+        self.paused: dict[StreamSocket, None] = {}
+        #: Counts the times paused streams were resumed at low water.
+        self.read_cycle = 0
         self.on_open: OpenHandler | None = None
         self.on_control: ControlHandler | None = None
         self.last_rx = self.clock()
@@ -391,24 +407,39 @@ class Link:
         self._wake.set()
 
     def pause_all(self) -> None:
-        """Stop reading every stream's socket: the link's queue is above high water.
+        """Stop reading every stream's socket: the link's queue is above ``LINK_CEILING``.
 
-        Pausing only the stream that just read is not enough when many sockets are readable
-        in one loop turn: each reads once (up to 256 KiB) before its own check pauses it, so
-        1000 visitors queued ~250 MiB in the relay (reliability L-1). Paused streams are the
-        readable ones still due this turn too: the loop skips a reader removed meanwhile.
-        They all resume together at low water (:meth:`StreamSocket.link_drained`), so the
-        queue stays near ``LINK_HIGH_WATER`` plus one read, and no stream is favoured.
+        Each stream pauses itself after its read once the queue is above low water, but
+        when many sockets are readable in one loop turn each still reads once (up to 256 KiB)
+        before its own check: 1000 visitors queued ~250 MiB in the relay (reliability L-1).
+        Pausing them all here also covers the readable ones still due this turn: the loop
+        skips a reader removed meanwhile. They resume together at low water.
+
+        The streams paused here before they could read go first in the next turn, those
+        that read go last: the event loop serves resumed sockets in the order they were
+        resumed (epoll's ready list), so a fixed order would give the same streams the
+        first reads every turn.
         """
         for sock in self.streams.values():
             sock.pause_for_link(self)
+        cycle = self.read_cycle
+        # Stable: among equals the older order stays. False (did not read) sorts first.
+        self.paused = dict.fromkeys(sorted(self.paused, key=lambda s: s.read_cycle == cycle))
+
+    def resume_paused(self) -> None:
+        """The queue is at low water: paused streams read again, in :meth:`pause_all`'s order.
+
+        A stream still holding a backlog waits for its window instead (window_opened)."""
+        resumed = [sock for sock in list(self.paused) if sock.link_drained()]
+        if resumed:  # a new turn: reads from now on count for it
+            self.read_cycle += 1
 
     def forget(self, sock: StreamSocket) -> None:
         if self.streams.get(sock.stream_id) is sock:
             del self.streams[sock.stream_id]
             sock.traffic.streams_open -= 1
             sock.detached()
-        self.paused.discard(sock)
+        self.paused.pop(sock, None)
 
     async def run(self) -> None:
         """Serve the link until it closes; every stream is aborted when it does."""
@@ -522,8 +553,7 @@ class Link:
             while (message := mux.next_message()) is not None:
                 await ws.send(message)
                 if self.paused and mux.pending_data_bytes <= LINK_LOW_WATER:
-                    for sock in list(self.paused):
-                        sock.link_drained()
+                    self.resume_paused()
 
     async def _heartbeat_loop(self) -> None:
         interval = self.heartbeat_interval

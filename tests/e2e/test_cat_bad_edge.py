@@ -797,6 +797,29 @@ async def _probe_latency(port: int, until: asyncio.Future[Any]) -> list[float]:
     return samples
 
 
+async def test_B6_open_rate_is_configurable(tmp_path: Path) -> None:
+    """``open_rate: {per_source: 10}``: of 40 connections opened at once from one address
+    about 10 (one second's burst) are served and the rest reset; the same 40 through a relay
+    with the default (200/s) are all served. A load test through the tunnel raises it."""
+    echo = EchoService()
+    await echo.start()
+    served = {}
+    for label, overrides in (("low", {"open_rate": {"per_source": 10}}), ("default", {})):
+        (tmp_path / label).mkdir()
+        (port,) = free_ports(1)
+        relay, url = await start_server(tmp_path / label,
+                                        server_config(tmp_path / label, [port], **overrides))
+        client = await start_client(url, ALPHA_TOKEN, [f"{echo.target}:fixed-{port}"])
+        assert await wait_tunnel(client, echo.target) == port
+        results = await asyncio.gather(*(echo_check(port, 1024, seed=i, timeout=10)
+                                         for i in range(40)), return_exceptions=True)
+        served[label] = sum(1 for r in results if not isinstance(r, BaseException))
+        await client.stop()
+        await relay.stop()
+    assert 10 <= served["low"] <= 12, served
+    assert served["default"] == 40, served
+
+
 @pytest.mark.timeout(300)
 async def test_B6_open_reset_flood_is_rate_capped_and_spares_other_clients(
         tmp_path: Path, variant: Variant, size: Size) -> None:

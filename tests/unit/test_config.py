@@ -311,3 +311,12 @@ def test_B11_oversized_file_is_refused_before_reading(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config files are limited to 1048576 bytes"):
         load_server_config(big, env={})
     assert time.monotonic() - started < 1.0
+
+
+def test_open_rate_defaults_and_override(tmp_path: Path) -> None:
+    base = 'listen: "0.0.0.0:7000"\nports: [6000]\n'
+    default = load_server_config(_write(tmp_path, base), env={})
+    assert (default.opens_per_source, default.opens_per_port) == (200.0, 2000.0)
+    raised = load_server_config(_write(tmp_path, base + "open_rate: {per_source: 5000}\n"),
+                                env={})
+    assert (raised.opens_per_source, raised.opens_per_port) == (5000.0, 2000.0)

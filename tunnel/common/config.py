@@ -74,13 +74,19 @@ DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 DEFAULT_MAX_STREAMS = 256
 MAX_STREAMS_LIMIT = 65_536
+#: New visitor connections per second, per source address and per public port (B-6: an
+#: open/reset flood, CVE-2023-44487 "Rapid Reset", must not become a stream flood).
+DEFAULT_OPENS_PER_SOURCE = 200.0
+DEFAULT_OPENS_PER_PORT = 2000.0
+MAX_OPEN_RATE = 1_000_000.0
+_OPEN_RATE_KEYS = ("per_source", "per_port")
 
 _CLIENT_NAME_RE = re.compile(CLIENT_NAME_PATTERN)
 _LISTEN_EXPECTED = '"HOST:PORT", e.g. "0.0.0.0:7000" or "[::1]:7000"'
 _CREDENTIAL_KEYS = (*TOKEN_KEYS, "public_key")
 _SERVER_KEYS = ("listen", "path", "public_host", "ports", "state_dir", "clients",
                 "clients_file", "public_url", "heartbeat_interval", "heartbeat_timeout",
-                "log_level", "tls", "dashboard", "alerts", "max_streams")
+                "log_level", "tls", "dashboard", "alerts", "max_streams", "open_rate")
 _CLIENT_KEYS = (*_CREDENTIAL_KEYS, "ports")
 _UNSAFE_PATH_CHARS = re.compile(r"[\s?#]")
 _TLS_KEYS = ("cert", "key")
@@ -134,6 +140,10 @@ class ServerConfig:
     alerts: AlertSettings | None = None
     max_streams: int = DEFAULT_MAX_STREAMS
     """Concurrent forwarded connections per client; memory is bounded by this x window."""
+    opens_per_source: float = DEFAULT_OPENS_PER_SOURCE
+    """New visitor connections per second one address may open (excess reset)."""
+    opens_per_port: float = DEFAULT_OPENS_PER_PORT
+    """New visitor connections per second one public port accepts from everyone."""
 
     def client_ports(self, name: str) -> PortSet:
         """Ports ``name`` may claim: its own ``ports``, else relay ports nobody reserved.
@@ -355,6 +365,26 @@ def _max_streams(ctx: ConfigContext, value: object) -> int:
     return value
 
 
+def _open_rate(ctx: ConfigContext, top: Mapping[str, object]) -> tuple[float, float]:
+    """``open_rate: {per_source: N, per_port: N}``, new visitor connections per second."""
+    raw = top.get("open_rate")
+    if raw is None:
+        return DEFAULT_OPENS_PER_SOURCE, DEFAULT_OPENS_PER_PORT
+    table = ctx.expect_mapping(raw, "open_rate", "a mapping {per_source: N, per_port: N}")
+    ctx.reject_unknown(table, "open_rate", _OPEN_RATE_KEYS)
+    rates = []
+    for name, default in zip(_OPEN_RATE_KEYS, (DEFAULT_OPENS_PER_SOURCE,
+                                               DEFAULT_OPENS_PER_PORT), strict=True):
+        value = table.get(name, default)
+        key = f"open_rate.{name}"
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value) or not 1 <= value <= MAX_OPEN_RATE:
+            raise ctx.error(key, f"expected connections per second, 1-{MAX_OPEN_RATE:.0f}, "
+                                 f"got {describe_value(value)}")
+        rates.append(float(value))
+    return rates[0], rates[1]
+
+
 def _required(ctx: ConfigContext, data: Mapping[str, object], key: str, hint: str) -> object:
     if key not in data:
         raise ctx.error(key, f"missing required key; {hint}")
@@ -380,6 +410,7 @@ def parse_server_config(data: object, source: str, base_dir: Path, env: Mapping[
         raise ctx.error("heartbeat_timeout", f"must be greater than heartbeat_interval "
                                              f"({interval:g}), got {timeout:g}")
     clients, clients_file = _clients(ctx, top, relay_ports, env)
+    opens_per_source, opens_per_port = _open_rate(ctx, top)
     return ServerConfig(
         source=source,
         listen_host=host,
@@ -393,6 +424,8 @@ def parse_server_config(data: object, source: str, base_dir: Path, env: Mapping[
         heartbeat_timeout=timeout,
         log_level=_log_level(ctx, top.get("log_level", DEFAULT_LOG_LEVEL)),
         max_streams=_max_streams(ctx, top.get("max_streams", DEFAULT_MAX_STREAMS)),
+        opens_per_source=opens_per_source,
+        opens_per_port=opens_per_port,
         tls=tls,
         public_url=_public_url(ctx, top),
         clients_file=clients_file,

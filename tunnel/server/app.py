@@ -55,7 +55,8 @@ TLS_DIR_NAME = "tls"
 RELOAD_POLL_INTERVAL = 0.5
 #: Keys whose change needs a restart; a reload keeps their running values.
 _RESTART_KEYS = ("listen_host", "listen_port", "path", "public_host", "ports", "state_dir",
-                 "tls", "heartbeat_interval", "heartbeat_timeout", "log_level")
+                 "tls", "heartbeat_interval", "heartbeat_timeout", "log_level",
+                 "opens_per_source", "opens_per_port")
 #: How long SIGTERM waits for open streams to finish before resetting them.
 SHUTDOWN_DRAIN_TIMEOUT = 10.0
 _DRAIN_POLL = 0.05
@@ -77,7 +78,8 @@ class Relay:
         self._load_credentials(config)
         self.preauth = PreAuthSlots()
         self.visitor_slots = SourceSlots(MAX_VISITORS_PER_SOURCE, MAX_VISITORS_TOTAL)
-        self.open_rate = OpenRate()
+        self.open_rate = OpenRate(per_source=config.opens_per_source,
+                                  per_port=config.opens_per_port)
         self.penalties = Penalties()
         self.servers: dict[int, asyncio.Server] = {}
         self.background: set[asyncio.Task[None]] = set()

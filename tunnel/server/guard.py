@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from ..common.config import DEFAULT_OPENS_PER_PORT, DEFAULT_OPENS_PER_SOURCE
 from ..common.ratelimit import TokenBucket
 
 __all__ = [
@@ -45,11 +46,10 @@ FAILURES_BEFORE_PENALTY = 5
 PENALTY_BASE = 1.0  # seconds, doubling per further failure
 PENALTY_CAP = 600.0
 MAX_PENALTY_ENTRIES = 10_000
-#: Visitor connections one source address may open per second, over all public ports (B-6:
-#: an open/reset flood, CVE-2023-44487 "Rapid Reset", must not become a stream flood).
-OPENS_PER_SOURCE = 200.0
-#: Visitor connections one public port accepts per second from all sources together.
-OPENS_PER_PORT = 2000.0
+#: Visitor connections one source address may open per second, over all public ports, and
+#: one public port accepts from all sources together (config ``open_rate``).
+OPENS_PER_SOURCE = DEFAULT_OPENS_PER_SOURCE
+OPENS_PER_PORT = DEFAULT_OPENS_PER_PORT
 #: Opens allowed at once after a quiet spell, in seconds' worth of the rate: one second, so
 #: a source may open its 200 at once (a load test, a browser's burst) but not sustain it.
 OPENS_BURST_SECONDS = 1.0

@@ -153,14 +153,14 @@ class SlowStream:
 async def test_F1_slow_reader_stays_isolated(tmp_path: Path, variant: Variant,
                                              size: Size) -> None:
     """Stream A's visitor reads 1 KiB/s while other streams download (fast: 15 x 8 MiB,
-    5 pairs of rounds; full: 63 x 64 MiB, 2 pairs). Pass: the others' time with A stalled
+    9 pairs of rounds; full: 63 x 64 MiB, 3 pairs). Pass: the others' time with A stalled
     is within 1.25x of their time without A, as the median over pairs of adjacent rounds
     (order alternating), so that load from other programs on this shared 2-core machine,
     which comes in bursts, does not decide the outcome; bytes of A held by the relay and
     client (accepted by the kernel at the service minus read by the visitor minus the
     kernel queues of A's sockets, from /proc/net/tcp) stay <= 2 x W; the relay's link RTT
     (dashboard ``rtt_ms``, one ping per second) has p99 < 500 ms during the A rounds."""
-    streams, each, pairs = size.pick((15, 8 * MIB, 5), (63, 64 * MIB, 2))
+    streams, each, pairs = size.pick((15, 8 * MIB, 9), (63, 64 * MIB, 3))
     bulk = DuplexDigestService()
     await bulk.start()
     slow = RawService(push=1 << 40, stall=None)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any
 
+from tests.recording_transport import RecordingTransport
 from tunnel.common.errors import FrameError, RemoteProtocolError
 from tunnel.common.frames import decode_frames, encode_frame
 from tunnel.common.mux import Mux, Role
@@ -71,52 +71,10 @@ def fuzz_mux(data: bytes) -> None:
             decode_frames(out)  # our own replies are always well-formed
 
 
-class _Transport(asyncio.Transport):
-    """Takes writes and close calls; the parser under test never touches a socket."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.protocol: Any = None
-        self.closing = False
-
-    def set_protocol(self, protocol: Any) -> None:
-        self.protocol = protocol
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 1) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def write(self, data: Any) -> None:
-        pass
-
-    def writelines(self, list_of_data: Any) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
-
-
 async def _feed_ws(data: bytes) -> None:
     framing = WsFraming(client=bool(data[0] & 1), max_message_size=WS_MAX_MESSAGE,
                         close_timeout=0.01, mask_key=lambda n: b"\x01\x02\x03\x04")
-    transport = _Transport()
+    transport = RecordingTransport()
     framing.attach(transport)
     buffered = bool(data[0] & 2)
     for piece in _chunks(data[1:]):
@@ -139,7 +97,9 @@ async def _feed_ws(data: bytes) -> None:
     if transport.closing:
         framing.data_received(b"\x82\x01x")  # a frame after the failure: ignored
         assert framing._queued == delivered
-    framing.connection_lost(None)
+        await asyncio.sleep(0)  # the transport's close ends the protocol on the next turn
+    else:
+        framing.connection_lost(None)
 
 
 _LOOP: asyncio.AbstractEventLoop | None = None

@@ -21,6 +21,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Side
 from websockets.streams import StreamReader
 
+from tests.recording_transport import RecordingTransport
 from tunnel.common.errors import RemoteProtocolError
 from tunnel.common.wsframing import (
     CLOSE_GOING_AWAY,
@@ -44,63 +45,6 @@ PING_HELLO_UNMASKED = bytes([0x89, 0x05, 0x48, 0x65, 0x6C, 0x6C, 0x6F])
 PONG_HELLO_MASKED = bytes([0x8A, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58])
 BINARY_256_HEADER = bytes([0x82, 0x7E, 0x01, 0x00])
 BINARY_64K_HEADER = bytes([0x82, 0x7F, 0, 0, 0, 0, 0, 1, 0, 0])
-
-
-class RecordingTransport(asyncio.Transport):
-    """A transport that records what is written; closing it ends the protocol soon."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.protocol: Any = None
-        self.closing = False
-        self.aborted = False
-        self.reading = True
-
-    def set_protocol(self, protocol: Any) -> None:
-        self.protocol = protocol
-
-    def get_protocol(self) -> Any:
-        return self.protocol
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 1) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def write(self, data: Any) -> None:
-        assert not self.closing, "write after close"
-        self.written += data
-
-    def writelines(self, list_of_data: Any) -> None:
-        for data in list_of_data:
-            self.write(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
-
-    def abort(self) -> None:
-        self.aborted = True
-        self.close()
-
-    def take(self) -> bytes:
-        out, self.written = bytes(self.written), bytearray()
-        return out
 
 
 def make(client: bool = False, max_size: int | None = 1 << 20,

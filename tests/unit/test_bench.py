@@ -1,0 +1,154 @@
+"""The benchmark's own checks (bench/): a transfer that loses or changes bytes fails instead
+of scoring, and the report's ratios and bar verdicts are what the figures say.
+
+The bulk jobs run against the real bench target process (python -m bench.target) on
+127.0.0.1, directly and through a small proxy that changes one byte or cuts the stream."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from bench import loadgen
+from bench.report import bar_check, summarize, table
+
+MIB = 1024 * 1024
+TARGET_LINE = re.compile(r"^bench-target: echo=(\d+) sink=(\d+) source=(\d+)$")
+JOB_TIMEOUT = 30.0
+Mangle = Callable[[bytes, int], bytes]
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[dict[str, int]]:
+    proc = subprocess.Popen([sys.executable, "-m", "bench.target"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        match = TARGET_LINE.match(proc.stdout.readline().strip())
+        assert match is not None, "the bench target did not print its ports"
+        yield {"echo": int(match[1]), "sink": int(match[2]), "source": int(match[3])}
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()  # the target stops when its stdin closes
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+class Proxy:
+    """Forwards one connection at a time to ``port``; ``mangle`` may change what flows in
+    the chosen direction (given the bytes and their offset in that direction's stream)."""
+
+    def __init__(self, port: int, mangle: Mangle, upstream: bool) -> None:
+        self.port_to = port
+        self.mangle = mangle
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(64):  # bounded: the tests open a few connections each
+                visitor, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.port_to))
+                for a, b, mangled in ((visitor, server, self.upstream),
+                                      (server, visitor, not self.upstream)):
+                    t = threading.Thread(target=self._pump, args=(a, b, mangled), daemon=True)
+                    t.start()
+                    self.threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, mangled: bool) -> None:
+        offset = 0
+        with contextlib.suppress(OSError):
+            for _ in range(1 << 20):  # bounded: each pass moves at least one byte
+                data = src.recv(65536)
+                if not data:
+                    break
+                out = self.mangle(data, offset) if mangled else data
+                offset += len(data)
+                if out:
+                    dst.sendall(out)
+                if len(out) < len(data):  # cut: end the stream here
+                    break
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def flip_one_byte(data: bytes, offset: int) -> bytes:
+    at = 100_000 - offset
+    if 0 <= at < len(data):
+        return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+    return data
+
+
+def cut_after_half_a_mib(data: bytes, offset: int) -> bytes:
+    keep = max(0, MIB // 2 - offset)
+    return data[:keep]
+
+
+def test_direct_transfers_score(target: dict[str, int]) -> None:
+    up = loadgen.bulk(target["sink"], 2, MIB, "up", 7, JOB_TIMEOUT)
+    down = loadgen.bulk(target["source"], 2, MIB, "down", 9, JOB_TIMEOUT)
+    for result in (up, down):
+        assert result["errors"] == [] and not result["corrupt"], result
+        assert result["mb_s"] is not None and result["mb_s"] > 0
+
+
+@pytest.mark.parametrize(("direction", "mangle", "why"), [
+    ("up", flip_one_byte, "SHA-256 at the sink differs"),
+    ("down", flip_one_byte, "SHA-256 of the received bytes differs"),
+    ("down", cut_after_half_a_mib, "received 524288 bytes"),
+])
+def test_a_tunnel_that_changes_or_loses_bytes_fails_the_run(
+        target: dict[str, int], direction: str, mangle: Mangle, why: str) -> None:
+    port = target["sink"] if direction == "up" else target["source"]
+    proxy = Proxy(port, mangle, upstream=direction == "up")
+    try:
+        result = loadgen.bulk(proxy.port, 1, MIB, direction, 11, JOB_TIMEOUT)
+    finally:
+        proxy.close()
+    assert result["corrupt"] and result["mb_s"] is None, result
+    assert any(why in error for error in result["errors"]), result["errors"]
+
+
+def test_report_ratios_and_bar_verdicts() -> None:
+    contenders = ["direct", "frp-tls", "tunnel-tls"]
+    raw: dict[str, dict[str, list[float | None]]] = {
+        "bulk1_up": {"direct": [1000.0, 1200.0, 1100.0], "frp-tls": [400.0, 400.0, 400.0],
+                     "tunnel-tls": [900.0, 800.0, None]},
+        "rtt1_p50": {"direct": [50.0], "frp-tls": [250.0], "tunnel-tls": [150.0]},
+        "idle_1000": {"frp-tls": [80.0], "tunnel-tls": [4.0]},
+        "cpu1": {"frp-tls": [3.0], "tunnel-tls": [2.0]},
+    }
+    summary = summarize(raw, contenders)
+    assert summary["medians"]["bulk1_up"] == {"direct": 1100.0, "frp-tls": 400.0,
+                                              "tunnel-tls": 850.0}
+    assert summary["ratios"]["bulk1_up"]["tunnel-tls"]["frp"] == pytest.approx(2.125)
+    text = table(summary, contenders, {}, {})
+    assert "| bulk, 1 connection, upload | MB/s, higher is better | 1,100 |" in text
+    assert "850 (0.77 d, 2.12 f)" in text
+    verdicts = bar_check(summary, contenders)
+    assert "| bulk 1 conn upload, x frp | >= 2 | 2.12 met |" in verdicts
+    # added RTT: (150 - 50) / (250 - 50) = 0.5 of frp's added time
+    assert "| added RTT p50 1 conn, x frp's | <= 0.6 | 0.50 met |" in verdicts
+    assert "| memory per idle conn (1000), x frp | <= 0.125 | 0.05 met |" in verdicts
+    assert "| CPU per GiB 1 conn, x frp | <= 0.5 | 0.67 MISSED |" in verdicts
+    failed = table(summary, contenders, {}, {"tunnel-tls": "lost data"})
+    assert "| FAILED |" in failed

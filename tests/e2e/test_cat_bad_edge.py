@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from tests.e2e.conftest import Size
 from tests.e2e.harness import (
@@ -44,12 +44,11 @@ from tests.e2e.harness import (
     write_config,
 )
 from tests.e2e.procstats import fd_count, rss_kib
+from tests.e2e.rawpeer import control, first_control
+from tests.e2e.rawpeer import login as raw_login
 from tests.e2e.services import EchoService, close_writer, echo_check
 from tunnel.client.dialer import MAX_PENDING_DIALS
-from tunnel.common import messages as msg
-from tunnel.common.auth import client_proof, derive_key, new_nonce
-from tunnel.common.frames import Frame, FrameType, decode_frames, encode_frame
-from tunnel.common.secret import Secret
+from tunnel.common.frames import FrameType, decode_frames
 from tunnel.common.yamlsafe import MAX_CONFIG_BYTES
 from tunnel.server.control import HANDSHAKE_TIMEOUT as OPEN_TIMEOUT
 from tunnel.server.guard import (
@@ -99,10 +98,6 @@ async def _raw_connect(url: str, source: str, *, tls: bool | None = None
         server_hostname="relay" if use_tls else None)
 
 
-def _control(message: dict[str, object]) -> bytes:
-    return encode_frame(Frame(FrameType.CONTROL, payload=json.dumps(message).encode()))
-
-
 def _controls(raw: bytes | str) -> list[dict[str, Any]]:
     assert isinstance(raw, bytes)
     return [json.loads(bytes(frame.payload)) for frame in decode_frames(raw)
@@ -111,16 +106,9 @@ def _controls(raw: bytes | str) -> list[dict[str, Any]]:
 
 async def _raw_login(url: str, token: str) -> ClientConnection:
     """Log in by hand (a legitimate peer), up to and including the welcome."""
-    ws = await connect(url, compression=None, ping_interval=None, proxy=None,
-                       ssl=_tls_context() if _is_tls(url) else None)
+    ws, _ = await raw_login(url, token)
     try:
-        (challenge,) = _controls(await ws.recv())
-        nonce = msg.b64decode(str(challenge["nonce"]), "nonce")
-        client_nonce = new_nonce()
-        proof = client_proof(derive_key(Secret(token)), nonce, client_nonce)
-        await ws.send(_control({"type": "auth", "nonce": msg.b64encode(client_nonce),
-                                "proof": msg.b64encode(proof), "client_version": "raw-test"}))
-        (welcome,) = _controls(await ws.recv())
+        welcome = first_control(await ws.recv())
         assert welcome["type"] == "welcome", welcome
     except BaseException:
         await ws.close()
@@ -263,8 +251,8 @@ async def test_B11_bad_client_config_exits_2_naming_file_line_and_column(
 async def _claims(ws: ClientConnection, claims: dict[int, object]) -> dict[int, dict[str, Any]]:
     """Send one fixed-port EXPOSE per id; return each id's answer (exposed or refused)."""
     for tid, port in claims.items():
-        await ws.send(_control({"type": "expose", "id": tid, "target": "127.0.0.1:9",
-                                "mode": "fixed", "port": port}))
+        await ws.send(control({"type": "expose", "id": tid, "target": "127.0.0.1:9",
+                               "mode": "fixed", "port": port}))
     answers: dict[int, dict[str, Any]] = {}
     async with asyncio.timeout(10):
         for _ in range(1000):  # heartbeat pings may come in between

@@ -59,6 +59,7 @@ from tests.e2e.harness import (
     wait_tunnel,
     write_config,
 )
+from tests.e2e.rawpeer import control, first_control
 from tests.e2e.services import (
     EchoService,
     assert_closed_quickly,
@@ -73,7 +74,6 @@ from tests.e2e.tlsproxy import RecordingProxy, TlsMitm, make_self_signed
 from tunnel.common import messages as msg
 from tunnel.common.auth import client_proof, derive_key, identify, login_message, new_nonce
 from tunnel.common.credentials import generate_keypair, key_id, sign
-from tunnel.common.frames import Frame, FrameType, decode_frames, encode_frame
 from tunnel.common.secret import Secret
 from tunnel.server.guard import (
     FAILURES_BEFORE_PENALTY,
@@ -104,18 +104,6 @@ def _secret_forms(secret: str) -> list[str]:
             base64.urlsafe_b64encode(raw).decode().rstrip("=")]
 
 
-def _frame(message: dict[str, Any]) -> bytes:
-    return encode_frame(Frame(FrameType.CONTROL, payload=json.dumps(message).encode()))
-
-
-def _control(raw: bytes | str) -> dict[str, Any]:
-    assert isinstance(raw, bytes)
-    (frame,) = decode_frames(raw)
-    assert frame.type is FrameType.CONTROL
-    result: dict[str, Any] = json.loads(bytes(frame.payload))
-    return result
-
-
 def _unverified_tls() -> ssl.SSLContext:
     """A raw test peer's TLS: the pinned client is tested in S-8; here the link matters."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -133,7 +121,7 @@ async def _open(url: str, source: str | None = None) -> tuple[ClientConnection, 
         extra["ssl"] = _unverified_tls()
     ws = await connect(url, compression=None, ping_interval=None, proxy=None,
                        open_timeout=20, **extra)
-    challenge = _control(await ws.recv())
+    challenge = first_control(await ws.recv())
     assert challenge["type"] == "challenge"
     return ws, msg.b64decode(str(challenge["nonce"]), "nonce")
 
@@ -158,7 +146,7 @@ async def _outcome(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any
     """The relay's next control message, or the close code if it closed the link."""
     try:
         async with asyncio.timeout(timeout):
-            return _control(await ws.recv())
+            return first_control(await ws.recv())
     except ConnectionClosed as closed:
         assert closed.rcvd is not None, "closed without a close frame"
         return closed.rcvd.code
@@ -167,7 +155,7 @@ async def _outcome(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any
 async def _token_login(url: str, token: str, source: str | None = None, **extra: Any
                        ) -> tuple[ClientConnection, dict[str, Any] | int]:
     ws, nonce = await _open(url, source)
-    await ws.send(_frame(_token_auth(token, nonce, **extra)))
+    await ws.send(control(_token_auth(token, nonce, **extra)))
     return ws, await _outcome(ws)
 
 
@@ -224,11 +212,11 @@ async def _refusal_time(url: str, source: str, signer: Secret, claimed: str,
     that then triggered the garbage collector inside the timed part)."""
     ws, nonce = await _open(url, source)
     try:
-        frame = _frame(_key_auth(signer, claimed, nonce))
+        frame = control(_key_auth(signer, claimed, nonce))
         cpu = _cpu_ns(relay_pid)
         started = time.perf_counter()
         await ws.send(frame)
-        answer = _control(await ws.recv())
+        answer = first_control(await ws.recv())
         elapsed = time.perf_counter() - started
         cpu = _cpu_ns(relay_pid) - cpu
         assert answer == REFUSED
@@ -288,13 +276,13 @@ async def test_S1_bad_credentials_fail_closed_same_answer_same_time(
     for name, auth in [("missing credential", {"type": "auth", "client_version": "raw-test",
                                                "nonce": msg.b64encode(new_nonce())})]:
         ws, _ = await _open(url, next(sources))
-        await ws.send(_frame(auth))
+        await ws.send(control(auth))
         assert await _outcome(ws) == REFUSED, name
         assert await _closed_with(ws) == CLOSE_AUTH_FAILED, name
     for name, signer, claimed in [("unknown key id", stranger, generate_keypair()[1]),
                                   ("wrong key", stranger, public)]:
         ws, nonce = await _open(url, next(sources))
-        await ws.send(_frame(_key_auth(signer, claimed, nonce)))
+        await ws.send(control(_key_auth(signer, claimed, nonce)))
         assert await _outcome(ws) == REFUSED, name
         assert await _closed_with(ws) == CLOSE_AUTH_FAILED, name
     # The real client: refused, exit 3, and the port never bound.
@@ -513,9 +501,9 @@ async def test_S3_recorded_login_cannot_be_replayed(tmp_path: Path, variant: Var
     (port,) = free_ports(1)
     relay, url = await start_server(tmp_path, server_config(tmp_path, [port]))
     ws, nonce = await _open(url)
-    recorded = _frame(_token_auth(ALPHA_TOKEN, nonce))
+    recorded = control(_token_auth(ALPHA_TOKEN, nonce))
     await ws.send(recorded)
-    assert _control(await ws.recv())["type"] == "welcome"
+    assert first_control(await ws.recv())["type"] == "welcome"
     await ws.close()
     raw_capture = b""
     if not variant.tls:
@@ -813,7 +801,7 @@ async def test_S5_relay_throttles_bad_logins_per_source(tmp_path: Path, variant:
     await asyncio.sleep(PENALTY_BASE + 0.2)  # the 1 s penalty runs out (a timer, no event)
     opened = await asyncio.gather(*[_open(url, burst_source) for _ in range(10)])
     for ws, nonce in opened:
-        await ws.send(_frame(_token_auth(secrets.token_urlsafe(24), nonce)))
+        await ws.send(control(_token_auth(secrets.token_urlsafe(24), nonce)))
     answers = [await _outcome(ws) for ws, _ in opened]
     assert answers.count(REFUSED) == 1, answers
     assert answers.count(CLOSE_TRY_LATER) == 9, answers
@@ -859,7 +847,7 @@ async def test_S6_client_cannot_act_as_another(tmp_path: Path, variant: Variant)
     # (a) alpha's port
     ws = await beta()
     since = len(relay.stderr_lines)
-    await ws.send(_frame({"type": "expose", "id": 1, "target": "127.0.0.1:9", "mode": "fixed",
+    await ws.send(control({"type": "expose", "id": 1, "target": "127.0.0.1:9", "mode": "fixed",
                           "port": alpha_port}))
     answer = await _outcome(ws)
     assert isinstance(answer, dict) and answer["type"] == "expose_refused", answer
@@ -877,7 +865,7 @@ async def test_S6_client_cannot_act_as_another(tmp_path: Path, variant: Variant)
     ):
         ws = await beta()
         since = len(relay.stderr_lines)
-        await ws.send(_frame(message))
+        await ws.send(control(message))
         assert await _closed_with(ws) != 1000
         await relay.wait_for_line(r"closing link of beta: protocol error: .*claiming to be "
                                   r"client 'alpha'", since=since, stream="stderr")
@@ -891,7 +879,7 @@ async def test_S6_client_cannot_act_as_another(tmp_path: Path, variant: Variant)
                     {"type": "replace", "session": "alpha"}):
         ws = await beta()
         since = len(relay.stderr_lines)
-        await ws.send(_frame(message))
+        await ws.send(control(message))
         assert await _closed_with(ws) != 1000
         await relay.wait_for_line(r"closing link of beta: protocol error", since=since,
                                   stream="stderr")
@@ -956,7 +944,7 @@ async def test_S7_same_identity_on_two_machines(tmp_path: Path, variant: Variant
     for i in range(REPLACEMENT_FLAG):
         ws, answer = await _token_login(url, ALPHA_TOKEN)
         assert isinstance(answer, dict) and answer["type"] == "welcome", (i, answer)
-        await ws.send(_frame({"type": "expose", "id": 0, "target": echo.target,
+        await ws.send(control({"type": "expose", "id": 0, "target": echo.target,
                               "mode": "fixed", "port": port}))
         links.append(ws)
     await machine1.wait_for_line(r"replaced this one", stream="stderr")

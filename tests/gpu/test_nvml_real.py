@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.children import end_by_stdin
 from tests.dashboard.test_api import dashboard_config, launch, metric, new_password, poll
 from tests.e2e.harness import ALPHA_TOKEN, free_ports, start_client, wait_tunnel
 from tunnel.client.telemetry import STATUS_OK, NvmlGpus, SystemTelemetry
@@ -158,15 +159,7 @@ def _gpu_load() -> Iterator[subprocess.Popen[str]]:
             pytest.skip(f"the GPU load did not start: {line!r}")
         yield proc
     finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        end_by_stdin(proc, timeout=30)
 
 
 def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:

@@ -18,6 +18,7 @@ import pytest
 
 from bench import loadgen
 from bench.report import bar_check, summarize, table
+from tests.children import end_by_stdin
 
 MIB = 1024 * 1024
 TARGET_LINE = re.compile(r"^bench-target: echo=(\d+) sink=(\d+) source=(\d+)$")
@@ -35,15 +36,7 @@ def target() -> Iterator[dict[str, int]]:
         assert match is not None, "the bench target did not print its ports"
         yield {"echo": int(match[1]), "sink": int(match[2]), "source": int(match[3])}
     finally:
-        assert proc.stdin is not None
-        proc.stdin.close()  # the target stops when its stdin closes
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        end_by_stdin(proc, timeout=10)  # the target stops when its stdin closes
 
 
 class Proxy:

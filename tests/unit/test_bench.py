@@ -7,12 +7,14 @@ The bulk jobs run against the real bench target process (python -m bench.target)
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +147,22 @@ def test_report_ratios_and_bar_verdicts() -> None:
     assert "| CPU per GiB 1 conn, x frp | <= 0.5 | 0.67 MISSED |" in verdicts
     failed = table(summary, contenders, {}, {"tunnel-tls": "lost data"})
     assert "| FAILED |" in failed
+
+
+def test_quick_run_through_the_real_tunnel(tmp_path: Path) -> None:
+    """The benchmark end to end: ``python -m bench --quick`` starts the real tunnel-server
+    and tunnel-client (plain ws://, one repetition), every workload scores (bulk verified by
+    SHA-256), and the Markdown and JSON reports are written. Figures are not judged here:
+    timings never decide a test."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--contenders", "direct,tunnel-plain",
+         "--skip-frp", "--reps", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text(encoding="utf-8"))
+    assert not report["failed"] and report["mode"] == "quick"
+    medians = report["medians"]
+    for key in ("bulk1_up", "bulk1_down", "bulk64_up", "bulk64_down", "rtt1_p50", "conn_seq",
+                "idle_1000", "cpu1"):
+        assert medians[key]["tunnel-plain"] > 0, (key, medians[key])
+    assert "| direct | tunnel-plain |" in (tmp_path / "latest.md").read_text(encoding="utf-8")

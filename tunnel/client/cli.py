@@ -16,12 +16,10 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..common.errors import AuthError, ClaimRefused, ConfigError, FingerprintMismatch
+from ..common.errors import AuthError, ClaimRefused, ConfigError, FingerprintMismatch, TlsFilesError
 from ..common.runtime import run, setup_logging
-from ..common.tls import TlsFilesError
 from .connector import Connector, UntrustedCertificate
 from .expose import EXPOSE_GRAMMAR
-from .join import join_main
 from .settings import ClientSettings, resolve_client_settings
 
 __all__ = ["EXIT_CONFIG", "EXIT_REFUSED", "main"]
@@ -66,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "join":
+        from .join import join_main  # PyYAML and key parsing: only this subcommand needs them
+
         return join_main(argv[1:])
     args = _parser().parse_args(argv)
     setup_logging(getattr(args, "log_level", None) or "info")

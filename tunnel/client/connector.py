@@ -23,8 +23,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from .. import __version__
 from ..common import messages as msg
 from ..common.auth import NONCE_SIZE, client_proof, derive_key, login_message, new_nonce
-from ..common.config import MAX_STREAMS_LIMIT
-from ..common.credentials import key_id, public_key_of, sign
 from ..common.errors import (
     AuthError,
     ClaimRefused,
@@ -33,11 +31,11 @@ from ..common.errors import (
     RemoteProtocolError,
     TunnelError,
 )
-from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
+from ..common.frames import MAX_MESSAGE_SIZE, MAX_STREAMS_LIMIT, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed
 from ..common.mux import GoAwayCode, Mux, Role
+from ..common.pinning import check_pin, client_ssl_context
 from ..common.runtime import limit_unsent
-from ..common.tls import check_pin, client_ssl_context
 from ..common.wsframing import framing_enabled, take_over
 from .dialer import Dialer
 from .expose import ExposeSpec
@@ -244,6 +242,9 @@ class Connector:
                                 "client_version": __version__}
         private = self.settings.private_key
         if private is not None:
+            # Imported here: cryptography's key modules would cost every token client's start.
+            from ..common.credentials import key_id, public_key_of, sign
+
             signature = sign(private, login_message(server_nonce, client_nonce))
             auth["key_id"] = key_id(public_key_of(private))
             auth["signature"] = msg.b64encode(signature)

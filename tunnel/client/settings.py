@@ -23,20 +23,19 @@ from tunnel.client.expose import (
     parse_expose,
     parse_port,
 )
-from tunnel.common.config import (
+from tunnel.common.configbase import (
     DEFAULT_PATH,
     MIN_TOKEN_LENGTH,
     ConfigContext,
     describe_value,
     resolve_token,
+    warn_if_readable,
 )
-from tunnel.common.configbase import warn_if_readable
-from tunnel.common.credentials import parse_private_key
 from tunnel.common.errors import ConfigError
+from tunnel.common.fingerprint import parse_fingerprint
+from tunnel.common.keypath import item_path
 from tunnel.common.localfs import is_loopback
 from tunnel.common.secret import Secret
-from tunnel.common.tls import parse_fingerprint
-from tunnel.common.yamlsafe import item_path, load_yaml_document_file
 
 __all__ = [
     "ENV_SERVER",
@@ -175,6 +174,8 @@ class _FileSettings:
 
 
 def _load_file(config_path: str) -> _FileSettings:
+    from tunnel.common.yamlsafe import load_yaml_document_file
+
     path = Path(config_path)
     doc = load_yaml_document_file(path)
     ctx = ConfigContext(config_path, path.absolute().parent, doc.lines, doc.columns)
@@ -250,6 +251,7 @@ def _credential(flag: str | None, env: Mapping[str, str],
         if any(k in file.data for k in ("token", "token_env", "token_file")):
             raise file.ctx.error("key", "conflicting credentials: set either key or a token")
         value = file.ctx.expect_str(file.data["key"], "key", "an ed25519: private key")
+        from tunnel.common.credentials import parse_private_key
         return None, parse_private_key(value, file.ctx.source, "key")
     if file is not None and any(k in file.data for k in ("token", "token_env", "token_file")):
         return resolve_token(file.ctx, file.data, "", env), None

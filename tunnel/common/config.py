@@ -27,6 +27,7 @@ from tunnel.common.config_dashboard import (
     parse_dashboard,
 )
 from tunnel.common.configbase import (
+    DEFAULT_PATH,
     MAX_TOKEN_FILE_BYTES,
     MIN_TOKEN_LENGTH,
     TOKEN_KEYS,
@@ -38,9 +39,11 @@ from tunnel.common.configbase import (
 )
 from tunnel.common.credentials import parse_public_key, shown_name
 from tunnel.common.errors import ConfigError
+from tunnel.common.frames import MAX_STREAMS_LIMIT
+from tunnel.common.keypath import child_path
 from tunnel.common.portset import MAX_PORT, PortSet
 from tunnel.common.secret import Secret
-from tunnel.common.yamlsafe import child_path, load_yaml_document_file
+from tunnel.common.yamlsafe import load_yaml_document_file
 
 __all__ = [
     "CLIENT_NAME_PATTERN",
@@ -64,7 +67,6 @@ __all__ = [
     "resolve_token",
 ]
 
-DEFAULT_PATH = "/tunnel"
 DEFAULT_PUBLIC_HOST = "0.0.0.0"
 DEFAULT_STATE_DIR = "./tunnel-state"
 DEFAULT_LOG_LEVEL = "info"
@@ -73,7 +75,6 @@ CLIENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 DEFAULT_MAX_STREAMS = 256
-MAX_STREAMS_LIMIT = 65_536
 #: New visitor connections per second, per source address and per public port (B-6: an
 #: open/reset flood, CVE-2023-44487 "Rapid Reset", must not become a stream flood).
 DEFAULT_OPENS_PER_SOURCE = 200.0

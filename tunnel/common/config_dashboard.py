@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from tunnel.common.configbase import ConfigContext, describe_value, warn_if_readable
+from tunnel.common.keypath import child_path
 from tunnel.common.secret import Secret
-from tunnel.common.yamlsafe import child_path
 
 __all__ = [
     "DEFAULT_DASHBOARD_LISTEN",

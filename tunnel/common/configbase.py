@@ -16,11 +16,12 @@ from datetime import date
 from pathlib import Path
 
 from tunnel.common.errors import ConfigError
+from tunnel.common.keypath import child_path, item_path
 from tunnel.common.portset import MAX_PORT, MIN_PORT, PortSet
 from tunnel.common.secret import Secret, weakness
-from tunnel.common.yamlsafe import child_path, item_path
 
 __all__ = [
+    "DEFAULT_PATH",
     "MAX_TOKEN_FILE_BYTES",
     "MIN_TOKEN_LENGTH",
     "PORT_EXPECTED",
@@ -35,6 +36,8 @@ __all__ = [
 
 log = logging.getLogger("tunnel.config")
 
+DEFAULT_PATH = "/tunnel"
+"""The relay's WebSocket path when none is configured (client and relay agree on it)."""
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_FILE_BYTES = 4096
 """A token file holds one line; refuse to slurp something that clearly is not one."""

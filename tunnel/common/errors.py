@@ -10,13 +10,17 @@ One root, so callers can catch everything the project raises on purpose::
     │       └── FrameError         bytes that do not decode as a frame
     ├── AuthError              login refused (one generic reason, never which part was wrong)
     ├── ClaimRefused           a port claim that cannot be met (names the port and why)
-    └── FingerprintMismatch    the relay presented another certificate than the pinned one
+    ├── FingerprintMismatch    the relay presented another certificate than the pinned one
+    └── TlsFilesError          key, certificate or CA files that cannot be used
 
 Following h11, local misuse and remote misbehaviour are kept apart: the first is a bug to
 fix, the second is hostile or broken input that only ever costs the offending link.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = [
     "AuthError",
@@ -27,6 +31,7 @@ __all__ = [
     "LocalProtocolError",
     "ProtocolError",
     "RemoteProtocolError",
+    "TlsFilesError",
     "TunnelError",
 ]
 
@@ -87,3 +92,13 @@ class FingerprintMismatch(TunnelError):
         self.expected = expected
         self.actual = actual
         super().__init__(f"the relay's certificate fingerprint is {actual}, expected {expected}")
+
+
+class TlsFilesError(TunnelError):
+    """TLS key, certificate or CA files are unusable; names the files, never their contents."""
+
+    def __init__(self, paths: Sequence[Path], reason: str) -> None:
+        self.paths = tuple(paths)
+        self.reason = reason
+        names = ", ".join(str(p) for p in self.paths)
+        super().__init__(f"{names}: {reason}")

@@ -52,6 +52,8 @@ MAX_OPEN_PAYLOAD = 512
 MAX_CONTROL_PAYLOAD = 16 * 1024
 #: Largest WebSocket message on the link: several frames may share one message.
 MAX_MESSAGE_SIZE = 4 * (MAX_DATA_PAYLOAD + HEADER_SIZE)
+#: Most concurrent streams a link may be configured for (either side caps what it is told).
+MAX_STREAMS_LIMIT = 65_536
 #: Largest send window a peer may grant (RFC 9113 section 6.9.1).
 MAX_WINDOW = 2**31 - 1
 

@@ -14,8 +14,6 @@ the certificate for the same key (e.g. to add a host name) does not break pinned
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import ipaddress
 import logging
 import os
@@ -32,8 +30,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tunnel.common.errors import ConfigError, FingerprintMismatch, TunnelError
+from tunnel.common.errors import ConfigError, TlsFilesError
 from tunnel.common.fingerprint import FINGERPRINT_PREFIX, parse_fingerprint
+from tunnel.common.pinning import (
+    MIN_TLS_VERSION,
+    check_pin,
+    client_ssl_context,
+    spki_fingerprint,
+    ssl_reason,
+)
 
 __all__ = [
     "CERT_FILE",
@@ -56,7 +61,6 @@ __all__ = [
 CERT_VALIDITY_DAYS = 3650
 KEY_FILE = "key.pem"
 CERT_FILE = "cert.pem"
-MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 
 DEFAULT_SAN_HOSTS = ("localhost", "127.0.0.1", "::1")
 """Always in the SAN, so local tests and SSH port forwards verify with ``ca_file``."""
@@ -82,26 +86,7 @@ _NO_PASSWORD = b""
 log = logging.getLogger("tunnel.tls")
 
 
-class TlsFilesError(TunnelError):
-    """The relay's key/certificate files are unusable; names the files, never their contents."""
-
-    def __init__(self, paths: Sequence[Path], reason: str) -> None:
-        self.paths = tuple(paths)
-        self.reason = reason
-        names = ", ".join(str(p) for p in self.paths)
-        super().__init__(f"{names}: {reason}")
-
-
 # ----------------------------------------------------------------------------- fingerprints
-
-
-def spki_fingerprint(cert_der: bytes) -> str:
-    """``sha256:<hex>`` of the certificate's public key, stable across re-issued certificates."""
-    cert = x509.load_der_x509_certificate(cert_der)
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return FINGERPRINT_PREFIX + hashlib.sha256(spki).hexdigest()
 
 
 def cert_file_fingerprint(cert_path: Path) -> str:
@@ -298,17 +283,6 @@ def check_private_file(path: Path, log: logging.Logger) -> None:
 # ----------------------------------------------------------------------------- contexts
 
 
-def _ssl_reason(exc: Exception) -> str:
-    """A short reason from an ssl/OS error; these carry codes and paths, never file contents."""
-    if isinstance(exc, ssl.SSLError):
-        if exc.reason:
-            return str(exc.reason).replace("_", " ").lower()
-        return "not valid PEM (or the key is encrypted)"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return type(exc).__name__
-
-
 def server_ssl_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
     """The relay's TLS context; TLS 1.0/1.1 are refused."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -319,37 +293,5 @@ def server_ssl_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
         context.load_cert_chain(certfile=cert_path, keyfile=key_path, password=_NO_PASSWORD)
     except (ssl.SSLError, OSError) as exc:
         raise TlsFilesError([cert_path, key_path],
-                            f"cannot load certificate and key: {_ssl_reason(exc)}") from None
+                            f"cannot load certificate and key: {ssl_reason(exc)}") from None
     return context
-
-
-def client_ssl_context(*, fingerprint: str | None, ca_file: Path | None = None) -> ssl.SSLContext:
-    """The client's TLS context.
-
-    With a fingerprint the handshake accepts any certificate and :func:`check_pin` must be
-    called on the result: the pin is stronger than CA + hostname checks (it names one key).
-    Without one, ordinary CA and hostname verification applies, against ``ca_file`` if given.
-    """
-    if fingerprint is not None and ca_file is not None:
-        raise ValueError("give either a pinned fingerprint or a CA file, not both")
-    if fingerprint is not None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        try:
-            context = ssl.create_default_context(cafile=ca_file)
-        except (ssl.SSLError, OSError) as exc:
-            paths = [ca_file] if ca_file is not None else []
-            raise TlsFilesError(paths, f"cannot load CA file: {_ssl_reason(exc)}") from None
-    context.minimum_version = MIN_TLS_VERSION
-    return context
-
-
-def check_pin(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: str) -> None:
-    """Raise :class:`FingerprintMismatch` unless the peer's public key is the pinned one."""
-    expected = parse_fingerprint(expected, "pinned fingerprint")
-    der = ssl_object.getpeercert(binary_form=True)
-    actual = spki_fingerprint(der) if der else "none (no certificate presented)"
-    if not hmac.compare_digest(actual.encode("ascii"), expected.encode("ascii")):
-        raise FingerprintMismatch(expected, actual)

@@ -27,6 +27,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 from tunnel.common.errors import ConfigError
+from tunnel.common.keypath import child_path, item_path
 
 __all__ = [
     "MAX_CONFIG_BYTES",
@@ -54,17 +55,7 @@ _SEQ_TAG = _TAG + "seq"
 _MAP_TAG = _TAG + "map"
 
 
-def child_path(parent: str, key: str) -> str:
-    """The dotted key path of ``key`` inside the mapping at ``parent``."""
-    return f"{parent}.{key}" if parent else key
-
-
 _PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)", re.ASCII)
-
-
-def item_path(parent: str, index: int) -> str:
-    """The key path of item ``index`` of the sequence at ``parent``."""
-    return f"{parent}[{index}]"
 
 
 @dataclass(frozen=True)

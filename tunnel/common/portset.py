@@ -6,6 +6,7 @@ config cheap to hold and easy to print back to the user in its own notation.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator
 
 __all__ = ["MAX_PORT", "MIN_PORT", "PortSet"]
@@ -15,9 +16,15 @@ MAX_PORT = 65535
 
 
 class PortSet:
-    """An immutable set of ports kept as sorted, merged, inclusive ranges."""
+    """An immutable set of ports kept as sorted, merged, inclusive ranges.
 
-    __slots__ = ("_ranges",)
+    Every operation walks the two sorted range lists side by side (or bisects them), never
+    range against range: a relay that lists 400 single ports for 200 clients asked
+    ``intersection`` for 160,000 pairs on each port claim, and the catalogue's L-3 (200
+    clients x 2 ports logging in together) spent three quarters of the relay's CPU there.
+    """
+
+    __slots__ = ("_lows", "_ranges")
 
     def __init__(self, ranges: Iterable[tuple[int, int]] = ()) -> None:
         merged: list[tuple[int, int]] = []
@@ -29,6 +36,7 @@ class PortSet:
             else:
                 merged.append((lo, hi))
         self._ranges: tuple[tuple[int, int], ...] = tuple(merged)
+        self._lows: tuple[int, ...] = tuple(lo for lo, _ in merged)
 
     @classmethod
     def of(cls, *ports: int) -> PortSet:
@@ -38,10 +46,17 @@ class PortSet:
     def ranges(self) -> tuple[tuple[int, int], ...]:
         return self._ranges
 
+    def _range_at(self, port: int) -> tuple[int, int] | None:
+        """The range holding ``port``, if any (binary search over the sorted lows)."""
+        index = bisect.bisect_right(self._lows, port) - 1
+        if index >= 0 and port <= self._ranges[index][1]:
+            return self._ranges[index]
+        return None
+
     def __contains__(self, port: object) -> bool:
         if not isinstance(port, int) or isinstance(port, bool):
             return False
-        return any(lo <= port <= hi for lo, hi in self._ranges)
+        return self._range_at(port) is not None
 
     def __iter__(self) -> Iterator[int]:
         for lo, hi in self._ranges:
@@ -63,34 +78,42 @@ class PortSet:
         return f"PortSet({self.describe()!r})"
 
     def issubset(self, other: PortSet) -> bool:
-        return all(any(olo <= lo and hi <= ohi for olo, ohi in other._ranges)
-                   for lo, hi in self._ranges)
+        for lo, hi in self._ranges:
+            holder = other._range_at(lo)
+            if holder is None or hi > holder[1]:
+                return False
+        return True
 
     def intersection(self, other: PortSet) -> PortSet:
         out: list[tuple[int, int]] = []
-        for lo, hi in self._ranges:
-            for olo, ohi in other._ranges:
-                a, b = max(lo, olo), min(hi, ohi)
-                if a <= b:
-                    out.append((a, b))
+        mine, theirs = self._ranges, other._ranges
+        i = j = 0
+        while i < len(mine) and j < len(theirs):
+            lo, hi = max(mine[i][0], theirs[j][0]), min(mine[i][1], theirs[j][1])
+            if lo <= hi:
+                out.append((lo, hi))
+            if mine[i][1] < theirs[j][1]:
+                i += 1
+            else:
+                j += 1
         return PortSet(out)
 
     def difference(self, other: PortSet) -> PortSet:
         out: list[tuple[int, int]] = []
+        theirs = other._ranges
+        first = 0  # ranges of ``other`` wholly below the current range stay below all later
         for lo, hi in self._ranges:
-            pieces = [(lo, hi)]
-            for olo, ohi in other._ranges:
-                nxt: list[tuple[int, int]] = []
-                for a, b in pieces:
-                    if ohi < a or olo > b:
-                        nxt.append((a, b))
-                        continue
-                    if a < olo:
-                        nxt.append((a, olo - 1))
-                    if ohi < b:
-                        nxt.append((ohi + 1, b))
-                pieces = nxt
-            out.extend(pieces)
+            while first < len(theirs) and theirs[first][1] < lo:
+                first += 1
+            start, k = lo, first
+            while k < len(theirs) and theirs[k][0] <= hi and start <= hi:
+                olo, ohi = theirs[k]
+                if olo > start:
+                    out.append((start, olo - 1))
+                start = max(start, ohi + 1)
+                k += 1
+            if start <= hi:
+                out.append((start, hi))
         return PortSet(out)
 
     def overlaps(self, other: PortSet) -> bool:

@@ -415,8 +415,8 @@ class LeaseBook:
                 f"port {port} is not in the relay's allowed ports "
                 f"({_describe(self._relay_ports)})",
             )
-        allowed = self._allowed_for(client)
-        if port not in allowed:
+        if port not in self._allowed(client):  # already in the relay's range: no intersection
+            allowed = self._allowed_for(client)
             raise ClaimRefused(
                 port, f"port {port} is not allowed for this client (allowed: {_describe(allowed)})"
             )

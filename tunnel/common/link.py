@@ -27,6 +27,7 @@ from typing import Any, cast
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
+from .budget import LinkGroup
 from .errors import RemoteProtocolError
 from .frames import MAX_DATA_PAYLOAD
 from .mux import (
@@ -174,10 +175,11 @@ class StreamSocket(asyncio.Protocol):
         # high-water mark here, streams that happened to be reading kept the queue between
         # the two marks, the link never drained to low water, and every stream paused
         # meanwhile starved (F-4: 2 of 32 streams took 22x the share of the others).
-        pending = link.mux.pending_data_bytes
+        pending = link.note_queue()
         if self._backlog or pending > LINK_LOW_WATER:
             self._pause_reading(link)
-        if pending > LINK_CEILING:
+        group = link.group
+        if pending > LINK_CEILING or (group is not None and group.over_share(pending)):
             link.pause_all()
 
     def eof_received(self) -> bool:
@@ -350,7 +352,8 @@ class Link:
 
     def __init__(self, ws: Connection | WsFraming, mux: Mux, *, name: str, logger: logging.Logger,
                  heartbeat_interval: float, heartbeat_timeout: float,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None,
+                 group: LinkGroup | None = None) -> None:
         self.ws = ws  # websockets' connection; our WsFraming once the login switched to it
         self.mux = mux
         self.name = name
@@ -362,6 +365,9 @@ class Link:
         #: Set when the peer broke the protocol (the relay counts these; reliability B-3).
         self.protocol_error: str | None = None
         self.streams: dict[int, StreamSocket] = {}
+        self.group = group
+        self._reported = 0  # this link's queue as last added to the group's sum
+        self._grouped = False  # counted in the group: from run()'s start to its end
         #: Streams not reading because the link is full, in the order they resume: a dict
         #: for its order (streams that were starved go first; see pause_all).
         self.paused: dict[StreamSocket, None] = {}
@@ -406,8 +412,40 @@ class Link:
         """Output is waiting: wake the writer."""
         self._wake.set()
 
+    def join_group(self) -> None:
+        """Count this link (and what it holds) in its group while it runs."""
+        group = self.group
+        if group is None or self._grouped:
+            return
+        group.links += 1
+        self._grouped = True
+        self.note_queue()
+        if isinstance(self.ws, WsFraming):
+            self.ws.join(group)
+
+    def leave_group(self) -> None:
+        group = self.group
+        if group is None or not self._grouped:
+            return
+        if isinstance(self.ws, WsFraming):
+            self.ws.leave()
+        self._grouped = False
+        group.links -= 1
+        group.queued -= self._reported
+        self._reported = 0
+
+    def note_queue(self) -> int:
+        """The queued DATA bytes, reported to the group (if any) as they change."""
+        queued = self.mux.pending_data_bytes
+        if self._grouped and queued != self._reported:
+            assert self.group is not None
+            self.group.queued += queued - self._reported
+            self._reported = queued
+        return queued
+
     def pause_all(self) -> None:
-        """Stop reading every stream's socket: the link's queue is above ``LINK_CEILING``.
+        """Stop reading every stream's socket: the link's queue is above ``LINK_CEILING``,
+        or above its fair share of its group's ceiling (tunnel/common/budget.py).
 
         Each stream pauses itself after its read once the queue is above low water, but
         when many sockets are readable in one loop turn each still reads once (up to 256 KiB)
@@ -443,6 +481,7 @@ class Link:
 
     async def run(self) -> None:
         """Serve the link until it closes; every stream is aborted when it does."""
+        self.join_group()
         tasks = [asyncio.create_task(self._write_loop(), name=f"link-writer-{self.name}"),
                  asyncio.create_task(self._heartbeat_loop(), name=f"link-heartbeat-{self.name}"),
                  asyncio.create_task(self.watchdog(), name=f"link-watchdog-{self.name}")]
@@ -466,6 +505,7 @@ class Link:
             self._abort_streams()
             if not self.ws.transport.is_closing():
                 self.ws.transport.abort()
+            self.leave_group()
 
     async def close(self, code: GoAwayCode = GoAwayCode.NORMAL, reason: str = "") -> None:
         """End the link politely: GOAWAY, then a WebSocket close."""
@@ -550,9 +590,10 @@ class Link:
         while True:
             await wake.wait()
             wake.clear()
+            self.note_queue()  # a reset may have dropped queued data since the last report
             while (message := mux.next_message()) is not None:
                 await ws.send(message)
-                if self.paused and mux.pending_data_bytes <= LINK_LOW_WATER:
+                if self.note_queue() <= LINK_LOW_WATER and self.paused:
                     self.resume_paused()
 
     async def _heartbeat_loop(self) -> None:

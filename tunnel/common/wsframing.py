@@ -38,6 +38,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError, Conne
 from websockets.frames import Close
 from websockets.protocol import OPEN, Side
 
+from .budget import LinkGroup
 from .errors import RemoteProtocolError
 
 _MaskFn = Callable[[bytes | bytearray | memoryview, bytes], bytes]
@@ -199,6 +200,8 @@ class WsFraming(asyncio.BufferedProtocol):
         # delivery
         self._queue: collections.deque[Message] = collections.deque()
         self._queued = 0
+        self.group: LinkGroup | None = None  # the relay's links, while the Link runs
+        self._reported = 0  # self._queued as last added to the group's sum
         self._recv_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         # writing and closing
@@ -245,6 +248,8 @@ class WsFraming(asyncio.BufferedProtocol):
                 self._recv_waiter = None
         message = queue.popleft()
         self._queued -= len(message)
+        if self.group is not None:
+            self._report()
         if self._reading_paused and self._queued <= RECV_LOW_WATER and not self._lost:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -313,9 +318,32 @@ class WsFraming(asyncio.BufferedProtocol):
         waiter = self._recv_waiter
         if self._queue and waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if self._queued > RECV_HIGH_WATER and not self._reading_paused and not self._lost:
+        group = self.group
+        if group is not None:
+            self._report()
+        if (self._queued > RECV_HIGH_WATER
+                or (group is not None and group.over_recv_share(self._queued))) \
+                and not self._reading_paused and not self._lost:
             self._reading_paused = True
             self.transport.pause_reading()
+
+    # ------------------------------------------------------------ the relay's budget
+
+    def join(self, group: LinkGroup) -> None:
+        """Count this link's unread messages in ``group`` (tunnel/common/budget.py)."""
+        self.group = group
+        self._report()
+
+    def leave(self) -> None:
+        if self.group is not None:
+            self.group.received -= self._reported
+            self._reported = 0
+            self.group = None
+
+    def _report(self) -> None:
+        assert self.group is not None
+        self.group.received += self._queued - self._reported
+        self._reported = self._queued
 
     def eof_received(self) -> bool:
         return False  # let the transport close; connection_lost ends everything

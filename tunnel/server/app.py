@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from websockets.asyncio.server import Server, serve
 
 from ..common.auth import derive_key
+from ..common.budget import LinkGroup
 from ..common.config import ServerConfig, load_server_config
 from ..common.credentials import generate_keypair, key_id
 from ..common.errors import ConfigError
@@ -91,6 +92,8 @@ class Relay:
         self.monitor = Monitor(self.registry, Path(config.state_dir))
         self.stats = self.monitor.stats
         self.counters = LinkCounters()
+        #: Every client link, for the budget of stream data they may queue together (L-3).
+        self.links = LinkGroup()
         self.history = self.monitor.history
         #: Called with (client name, online) on every presence change (alerts, dashboard).
         self.presence_listeners: list[Callable[[str, bool], None]] = []

@@ -93,7 +93,7 @@ class ControlHandler:
             link = Link(ws, Mux(Role.RELAY, max_streams=relay.config.max_streams), name="?",
                         logger=log,
                         heartbeat_interval=relay.config.heartbeat_interval,
-                        heartbeat_timeout=relay.config.heartbeat_timeout)
+                        heartbeat_timeout=relay.config.heartbeat_timeout, group=relay.links)
             watchdog = asyncio.create_task(link.watchdog())
             try:
                 hello = await self._login(link, source)

@@ -1,0 +1,46 @@
+"""Memory budgets shared by all the links of one relay.
+
+Each link bounds what it holds on its own (``LINK_CEILING`` for stream data waiting to be
+sent, ``RECV_HIGH_WATER`` for received messages waiting for the link's reader), and one
+link alone stays far below the relay's memory. Two hundred links do not: in one event-loop
+turn each of them may read up to its own bound before any reader task runs, and the
+catalogue's L-3 (200 clients x 10 echo streams of 256 KiB) drove the relay's RSS up by
+~450 MiB that way, on both event loops, while every link stayed within its own limits.
+
+A :class:`LinkGroup` sums what its links hold. While a sum is above its ceiling, a link
+holding more than its fair share (ceiling / live links) stops reading; it starts again by
+its own rule, when what *it* holds drains, never when the others' does, so a link whose
+peer is slow can never keep the others paused.
+"""
+
+from __future__ import annotations
+
+__all__ = ["GROUP_CEILING", "GROUP_RECV_CEILING", "LinkGroup"]
+
+#: Stream data queued to be sent, summed over a relay's links (see the module docstring).
+GROUP_CEILING = 32 * 1024 * 1024
+#: Received messages not yet taken by the links' readers, summed over a relay's links.
+GROUP_RECV_CEILING = 32 * 1024 * 1024
+
+
+class LinkGroup:
+    """What the live links of one relay hold, summed; each link reports its own changes."""
+
+    __slots__ = ("ceiling", "links", "queued", "received", "recv_ceiling")
+
+    def __init__(self, ceiling: int = GROUP_CEILING,
+                 recv_ceiling: int = GROUP_RECV_CEILING) -> None:
+        self.ceiling = ceiling
+        self.recv_ceiling = recv_ceiling
+        self.links = 0
+        self.queued = 0  # stream data queued to send (Link.note_queue)
+        self.received = 0  # received messages not yet read (WsFraming)
+
+    def over_share(self, link_queued: int) -> bool:
+        """The group queues more than its ceiling and a link queueing this much is to blame."""
+        return self.queued > self.ceiling and link_queued * max(1, self.links) > self.ceiling
+
+    def over_recv_share(self, link_received: int) -> bool:
+        """As :meth:`over_share`, for received messages waiting for the links' readers."""
+        return (self.received > self.recv_ceiling
+                and link_received * max(1, self.links) > self.recv_ceiling)

@@ -12,12 +12,17 @@ Two parametrising fixtures serve the reliability catalogue:
 
 from __future__ import annotations
 
+import compileall
+import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
+import tunnel
 from tests.e2e import harness, services
 
 T = TypeVar("T")
@@ -64,8 +69,37 @@ def size(request: pytest.FixtureRequest) -> Size:
     return Size(full=bool(request.param))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_programs() -> None:
+    """Write the bytecode of the programs under test once, before any is started.
+
+    Where ``PYTHONDONTWRITEBYTECODE`` is set (this machine kind sets it) and the project is
+    installed in editable mode, every program start compiled all of ``tunnel`` again: ~30
+    ms of CPU per start, which L-3 pays 200 times in its login window. An installed wheel
+    ships its bytecode, so this measures what users run."""
+    compileall.compile_dir(str(Path(tunnel.__file__).parent), quiet=1)
+
+
+#: Set to a folder to keep every program's whole output there (a failure message shows
+#: only the last lines): ``TUNNEL_E2E_LOG_DIR=/tmp/logs pytest -m slow -k L3``.
+LOG_DIR_ENV = "TUNNEL_E2E_LOG_DIR"
+
+
+def keep_logs(nodeid: str, procs: list[harness.Proc]) -> None:
+    folder = os.environ.get(LOG_DIR_ENV)
+    if not folder:
+        return
+    base = Path(folder)
+    base.mkdir(parents=True, exist_ok=True)
+    test = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid.rsplit("::", 1)[-1])
+    for proc in procs:
+        lines = [*proc.stdout_lines, "--- stderr ---", *proc.stderr_lines]
+        path = base / f"{test}.{proc.name}.{proc.process.pid}.log"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 @pytest.fixture(autouse=True)
-async def _e2e_cleanup() -> AsyncIterator[None]:
+async def _e2e_cleanup(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     harness.STARTED.clear()
     services.STARTED.clear()
     yield
@@ -74,6 +108,7 @@ async def _e2e_cleanup() -> AsyncIterator[None]:
     harness.PINS.clear()
     for proc in reversed(procs):  # clients first, then the relay they talk to
         await proc.stop()
+    keep_logs(request.node.nodeid, procs)
     started_services = list(services.STARTED)
     services.STARTED.clear()
     for service in started_services:

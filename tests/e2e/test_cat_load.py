@@ -325,11 +325,11 @@ async def test_L3_many_clients_two_ports_each(tmp_path: Path, variant: Variant,
     config, and before port-set claims stopped being quadratic), so logins take 14-16 s,
     within the 20 s bound, kept as it is. With TLS the relay's growth is ~400-490 MiB
     against the 200 MiB bound (plain: 99-110 MiB): after the load the C heap still holds
-    ~220-270 MiB in use (mallinfo2), ~1.3 MiB per link that ran busy, in the event loop's
-    TLS layer (its MemoryBIO buffers keep their high-water size), not in our queues (a
-    relay-wide budget keeps those under 32 MiB). The fast size is 10 clients because 20
-    took 13-20 s to start on the shared CI box (load average above 20), too close to the
-    bound.
+    ~220-270 MiB in use (mallinfo2), ~1.3 MiB per link that ran busy, not in our queues (a
+    relay-wide budget keeps those under 32 MiB); most likely in the event loop's TLS layer
+    (memory BIOs keep their high-water size), not yet measured apart. The fast size is 10
+    clients because 20 took 13-20 s to start on the shared CI box (load average above 20),
+    too close to the bound.
     """
     clients = size.pick(10, 200)
     each = 256 * KIB

@@ -38,9 +38,12 @@ class LinkGroup:
 
     def over_share(self, link_queued: int) -> bool:
         """The group queues more than its ceiling and a link queueing this much is to blame."""
-        return self.queued > self.ceiling and link_queued * max(1, self.links) > self.ceiling
+        return self._to_blame(self.queued, self.ceiling, link_queued)
 
     def over_recv_share(self, link_received: int) -> bool:
         """As :meth:`over_share`, for received messages waiting for the links' readers."""
-        return (self.received > self.recv_ceiling
-                and link_received * max(1, self.links) > self.recv_ceiling)
+        return self._to_blame(self.received, self.recv_ceiling, link_received)
+
+    def _to_blame(self, total: int, ceiling: int, own: int) -> bool:
+        """The sum is over ``ceiling`` and ``own`` is more than one link's fair share of it."""
+        return total > ceiling and own * max(1, self.links) > ceiling

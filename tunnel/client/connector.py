@@ -27,20 +27,20 @@ from ..common.errors import (
     AuthError,
     ClaimRefused,
     ConfigError,
-    FingerprintMismatch,
     RemoteProtocolError,
     TunnelError,
 )
 from ..common.frames import MAX_MESSAGE_SIZE, MAX_STREAMS_LIMIT, PROTOCOL_VERSION
 from ..common.link import Link, LinkClosed
 from ..common.mux import GoAwayCode, Mux, Role
-from ..common.pinning import check_pin, client_ssl_context
+from ..common.pinning import client_ssl_context
 from ..common.runtime import limit_unsent
 from ..common.wsframing import framing_enabled, take_over
 from .dialer import Dialer
 from .expose import ExposeSpec
 from .settings import ClientSettings
 from .telemetry import telemetry_interval, telemetry_provider
+from .tlsconnect import tls_connection, transport_url
 
 __all__ = [
     "BACKOFF_CAP",
@@ -105,11 +105,13 @@ class Connector:
         self.key = derive_key(settings.token) if settings.token is not None else b""
         self.ssl: ssl.SSLContext | None = None
         self.connection_class: type[ClientConnection] = ClientConnection
+        self.url = settings.server_url  # what websockets connects to
         if settings.server_url.startswith("wss://"):
             ca = settings.ca_file
             self.ssl = client_ssl_context(fingerprint=settings.fingerprint, ca_file=ca)
-            if settings.fingerprint is not None:
-                self.connection_class = pinned_connection(settings.fingerprint)
+            self.url, server_name = transport_url(settings.server_url)
+            self.connection_class = tls_connection(self.ssl, server_name, settings.fingerprint,
+                                                   HANDSHAKE_TIMEOUT)
         self.tunnels: dict[int, ExposeSpec] = dict(enumerate(settings.exposes))
         self.dialer = Dialer(self.tunnels)
         self.link: Link | None = None
@@ -171,11 +173,11 @@ class Connector:
 
     async def _session(self, stop: asyncio.Event) -> bool:
         """One link from connect to close; returns whether tunnels went live."""
-        async with connect(self.settings.server_url, compression=None,
+        async with connect(self.url, compression=None,
                            max_size=MAX_MESSAGE_SIZE, ping_interval=None,
                            open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0, proxy=None,
                            user_agent_header=f"tunnel-client/{__version__}",
-                           ssl=self.ssl, create_connection=self.connection_class,
+                           create_connection=self.connection_class,
                            local_addr=self._local_addr()) as ws:
             limit_unsent(ws.transport.get_extra_info("socket"))
             link = Link(ws, Mux(Role.CLIENT), name="-", logger=log,
@@ -312,24 +314,6 @@ class UntrustedCertificate(TunnelError):
     def __init__(self, url: str, reason: str) -> None:
         super().__init__(f"the certificate of {url} is not trusted ({reason}); pin it with "
                          "--fingerprint (tunnel-server prints it) or pass --ca-file")
-
-
-def pinned_connection(fingerprint: str) -> type[ClientConnection]:
-    """A connection class that checks the relay's certificate pin before the HTTP upgrade.
-
-    The check runs right after the TLS handshake and before websockets writes its request,
-    so a man in the middle with another certificate receives no application byte at all.
-    """
-
-    class PinnedConnection(ClientConnection):
-        async def handshake(self, *args: Any, **kwargs: Any) -> None:
-            ssl_object = self.transport.get_extra_info("ssl_object")
-            if ssl_object is None:
-                raise FingerprintMismatch(fingerprint, "no TLS certificate")
-            check_pin(ssl_object, fingerprint)
-            await super().handshake(*args, **kwargs)
-
-    return PinnedConnection
 
 
 def _describe(exc: BaseException) -> str:

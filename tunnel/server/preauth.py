@@ -5,33 +5,27 @@ which is what caps a slowloris (B-8, OpenSSH ``MaxStartups``): the excess is res
 and a flood from one address costs the relay no TLS handshakes beyond its 32 slots. Letting
 the event loop do TLS (``create_server(ssl=...)``) would run every handshake first: asyncio
 and uvloop only call the protocol after it, so 2000 connections from one address meant 2000
-handshakes before a single one could be refused. Here a connection that holds a slot is
-given to ``loop.connect_accepted_socket`` with the TLS context, and websockets sees the TLS
-transport, as it would have.
+handshakes before a single one could be refused. Here a connection that holds a slot gets
+our TLS layer (``tunnel/common/tlslayer.py``, which also keeps a link's TLS buffers small),
+and websockets sees the layer's transport once the handshake is done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import ssl
-from typing import cast
 
 from websockets.asyncio.server import ServerConnection
 
 from ..common.link import abort_with_reset
+from ..common.tlslayer import start_tls
 from .guard import SourceSlots
 from .listeners import limited_log
 
 __all__ = ["PreAuthConnection", "preauth_connection"]
 
 log = logging.getLogger("tunnel.server.preauth")
-
-_TLS_TASKS: set[asyncio.Task[None]] = set()
-"""Handshakes under way (a task must be referenced until it ends)."""
-
 
 class PreAuthConnection(ServerConnection):
     """A control connection that holds a pre-auth slot from TCP accept until login ends.
@@ -44,7 +38,6 @@ class PreAuthConnection(ServerConnection):
     tls_timeout: float = 5.0
     preauth_source: str | None = None
     _accepted = False  # the plain TCP connection was seen (and counted)
-    _handed_over = False  # its first transport was dropped for the TLS one
     _made = False  # websockets has seen connection_made
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -68,50 +61,29 @@ class PreAuthConnection(ServerConnection):
 
     def _hand_over_to_tls(self, transport: asyncio.BaseTransport,
                           context: ssl.SSLContext) -> None:
-        """Move the connection to a TLS transport of its own, before reading a byte.
+        """Put our TLS layer under websockets, before a byte of the connection is read.
 
-        Pausing this transport and calling ``loop.start_tls`` is not enough: uvloop starts
-        reading right after ``connection_made`` whatever the protocol asked, so the
-        ClientHello could reach websockets instead of TLS. A duplicate of the socket, given to
-        ``connect_accepted_socket``, keeps the connection while this transport is closed
-        unread (closing one descriptor of a socket does not end the connection).
+        The layer (``tunnel/common/tlslayer.py``) becomes the TCP transport's protocol right
+        here in ``connection_made``, so the ClientHello reaches TLS whatever the loop does
+        next (uvloop reads right after ``connection_made``), and websockets sees the layer's
+        transport once the handshake is done, within ``tls_timeout``.
         """
-        sock = transport.get_extra_info("socket")
-        try:
-            raw = socket.socket(fileno=os.dup(sock.fileno()))
-        except (OSError, AttributeError, ValueError) as exc:
-            log.warning("control port: cannot start TLS for %s: %s", self.preauth_source, exc)
-            self.release_preauth()
-            abort_with_reset(transport)
-            return
-        self._handed_over = True
-        cast(asyncio.Transport, transport).abort()
-        task = asyncio.get_running_loop().create_task(self._start_tls(raw, context))
-        _TLS_TASKS.add(task)
-        task.add_done_callback(_TLS_TASKS.discard)
+        layer = start_tls(transport, self, context, server_side=True,
+                          handshake_timeout=self.tls_timeout, name=self.preauth_source or "?")
+        layer.handshake_done.add_done_callback(self._tls_done)
 
-    async def _start_tls(self, raw: socket.socket, context: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
-        done = False
-        try:
-            await loop.connect_accepted_socket(lambda: self, raw, ssl=context,
-                                               ssl_handshake_timeout=self.tls_timeout)
-            done = True
-        except OSError as exc:  # the TLS errors, resets and the handshake deadline
+    def _tls_done(self, done: asyncio.Future[None]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            # The layer has aborted the connection; websockets never saw it.
             log.debug("control port: TLS handshake with %s failed: %s", self.preauth_source,
-                      exc)
-        finally:
-            if not done:
-                self.release_preauth()
-                raw.close()
+                      None if done.cancelled() else done.exception())
+            self.release_preauth()
 
     def _made_with(self, transport: asyncio.BaseTransport) -> None:
         self._made = True
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._handed_over and not self._made:
-            return  # the plain transport, closed on purpose: the TLS one carries on
         self.release_preauth()
         if self._made:
             super().connection_lost(exc)

@@ -29,6 +29,7 @@ from tunnel.common.frames import (
     MAX_DATA_PAYLOAD,
     MAX_MESSAGE_SIZE,
     MAX_WINDOW,
+    SEND_MESSAGE_SIZE,
     Flag,
     Frame,
     FrameType,
@@ -783,7 +784,7 @@ def test_coalescing_never_exceeds_the_message_cap(pair: MuxPair) -> None:
     assert pair.relay.pending_data_bytes == total
     events = pair.to_client()
     messages = pair.sent[Role.RELAY][3:]  # after the three OPENs
-    assert all(len(m) <= MAX_MESSAGE_SIZE for m in messages)
+    assert all(len(m) <= SEND_MESSAGE_SIZE for m in messages)
     assert sum(len(m) for m in messages) == total
     assert 1 < len(messages) < len(sizes)  # coalesced, but split at the cap
     assert pair.relay.pending_data_bytes == 0
@@ -791,15 +792,19 @@ def test_coalescing_never_exceeds_the_message_cap(pair: MuxPair) -> None:
         assert data_of(events, sid) == data
 
 
-def test_four_full_frames_fill_one_message_exactly(pair: MuxPair) -> None:
+def test_a_full_frame_is_a_message_of_its_own(pair: MuxPair) -> None:
+    """Full DATA frames are not batched: a receiver holds each message whole (L-3)."""
     a, b = pair.open(1), pair.open(2)
-    for sid in (a, a, a, a, b):
+    for sid in (a, a, b):
         pair.relay.send_data(sid, bytes(MAX_DATA_PAYLOAD))
-    first = pair.relay.next_message()
-    assert first is not None and len(first) == MAX_MESSAGE_SIZE
-    second = pair.relay.next_message()
-    assert second is not None and len(second) == HEADER_SIZE + MAX_DATA_PAYLOAD
-    assert pair.relay.next_message() is None
+    pair.relay.send_data(a, bytes(100))
+    pair.relay.send_data(b, bytes(200))
+    sizes = []
+    while (message := pair.relay.next_message()) is not None:
+        sizes.append(len(message))
+    full = HEADER_SIZE + MAX_DATA_PAYLOAD
+    assert full == SEND_MESSAGE_SIZE
+    assert sizes == [full, full, full, 2 * HEADER_SIZE + 300]  # small frames still share
     assert pair.relay.pending_data_bytes == 0
 
 
@@ -813,7 +818,7 @@ def test_control_frames_never_exceed_the_message_cap() -> None:
     while (message := client.next_message()) is not None:
         sizes.append(len(message))
     assert sum(sizes) == count * HEADER_SIZE
-    assert max(sizes) <= MAX_MESSAGE_SIZE
+    assert max(sizes) <= SEND_MESSAGE_SIZE
 
 
 def test_many_control_messages_never_exceed_the_message_cap() -> None:
@@ -821,7 +826,7 @@ def test_many_control_messages_never_exceed_the_message_cap() -> None:
     for i in range(40):
         relay.send_control({"type": "note", "i": i, "text": "x" * 10_000})
     while (message := relay.next_message()) is not None:
-        assert len(message) <= MAX_MESSAGE_SIZE
+        assert len(message) <= SEND_MESSAGE_SIZE
 
 
 # ----------------------------------------------------------------------------- state machine

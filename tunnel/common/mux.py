@@ -35,9 +35,9 @@ from .errors import LocalProtocolError, RemoteProtocolError
 from .frames import (
     MAX_CONTROL_PAYLOAD,
     MAX_DATA_PAYLOAD,
-    MAX_MESSAGE_SIZE,
     MAX_OPEN_PAYLOAD,
     MAX_WINDOW,
+    SEND_MESSAGE_SIZE,
     Flag,
     Frame,
     FrameType,
@@ -254,12 +254,12 @@ class Mux:
 
         Control frames (window updates, pings, resets, opens, control messages) go first, so
         a link full of bulk data never starves heartbeats or credit; DATA frames keep their
-        order and several share one message up to the message cap.
+        order and several share one message up to ``SEND_MESSAGE_SIZE``.
         """
         urgent = self._urgent
         if urgent:
             size, count = len(urgent[0]), 1
-            while count < len(urgent) and size + len(urgent[count]) <= MAX_MESSAGE_SIZE:
+            while count < len(urgent) and size + len(urgent[count]) <= SEND_MESSAGE_SIZE:
                 size += len(urgent[count])
                 count += 1
             batch, self._urgent = urgent[:count], urgent[count:]
@@ -270,11 +270,11 @@ class Mux:
             return None
         first = data.popleft()
         size = len(first)
-        if not data or size + len(data[0]) > MAX_MESSAGE_SIZE:
+        if not data or size + len(data[0]) > SEND_MESSAGE_SIZE:
             self.pending_data_bytes -= size
             return first
         batch = [first]
-        while data and size + len(data[0]) <= MAX_MESSAGE_SIZE:
+        while data and size + len(data[0]) <= SEND_MESSAGE_SIZE:
             frame = data.popleft()
             size += len(frame)
             batch.append(frame)

@@ -114,6 +114,9 @@ _H10 = struct.Struct("!BBQ")
 
 Message = bytes | bytearray | memoryview | str
 
+#: Bytes unmasked per step by :func:`unmask_in_place` (a multiple of the 4-byte mask).
+UNMASK_STEP = 64 * 1024
+
 
 def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
     """XOR ``data`` with the 4-byte ``mask`` (RFC 6455 5.3); C speed when available."""
@@ -124,6 +127,18 @@ def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
         return b""
     key = int.from_bytes((mask * (size // 4 + 1))[:size], "little")
     return (int.from_bytes(data, "little") ^ key).to_bytes(size, "little")
+
+
+def unmask_in_place(buf: bytearray, mask: bytes) -> None:
+    """Unmask a payload we read into a buffer of our own, ``UNMASK_STEP`` at a time.
+
+    A relay receives every client frame masked; unmasking a 512 KiB message into a new copy
+    held both for a moment, on each of 200 busy links at once (L-3: ~40 MiB of copies at
+    the relay's peak). The mask repeats every 4 bytes and each step is a multiple of 4.
+    """
+    view = memoryview(buf)
+    for pos in range(0, len(buf), UNMASK_STEP):
+        view[pos:pos + UNMASK_STEP] = apply_mask(view[pos:pos + UNMASK_STEP], mask)
 
 
 def encode_frame(opcode: int, payload: bytes | bytearray | memoryview, *, fin: bool = True,
@@ -352,6 +367,9 @@ class WsFraming(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._lost = True
+        # Parsing is over: let the read buffers go now, not when the collector finds a
+        # dead link's cycles (unread messages stay for recv()).
+        self._scratch, self._target, self._pieces, self._msg_parts = bytearray(), None, [], []
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
@@ -500,7 +518,10 @@ class WsFraming(asyncio.BufferedProtocol):
         else:
             payload = b"".join(pieces)
         if self._mask is not None:
-            payload = apply_mask(payload, self._mask)
+            if isinstance(payload, bytearray) and len(payload) > UNMASK_STEP:
+                unmask_in_place(payload, self._mask)
+            else:
+                payload = apply_mask(payload, self._mask)
         op = self._op
         if self._failed:
             if op == OP_CLOSE:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["fd_count", "rss_kib"]
+__all__ = ["fd_count", "report", "rss_kib"]
 
 
 def fd_count(pid: int) -> int:
@@ -20,3 +20,9 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def report(test: str, **figures: object) -> None:
+    """Print a test's measured figures (shown with pytest -s, kept in the -rA summary)."""
+    text = ", ".join(f"{k}={v}" for k, v in figures.items())
+    print(f"\n[{test}] {text}")

@@ -46,7 +46,7 @@ from tests.e2e.harness import (
     url_port,
     wait_tunnel,
 )
-from tests.e2e.procstats import fd_count, rss_kib
+from tests.e2e.procstats import fd_count, report, rss_kib
 from tests.e2e.rawpeer import first_control as _first_control
 from tests.e2e.rawpeer import login as raw_login
 from tests.e2e.services import (
@@ -748,8 +748,11 @@ async def test_R9_session_churn_leaves_nothing_behind(tmp_path: Path, variant: V
         if fd_count(server.pid) <= fds + 2:
             break
         await asyncio.sleep(0.05)
+    growth_kib = rss_kib(server.pid) - rss
+    report("R-9", cycles=size.pick(200, 1000), fds_over_baseline=fd_count(server.pid) - fds,
+           rss_growth_mib=round(growth_kib / 1024, 2))
     assert fd_count(server.pid) <= fds + 2
-    assert rss_kib(server.pid) - rss < 8 * 1024  # "leak-free": < 8 MiB growth
+    assert growth_kib < 8 * 1024  # "leak-free": < 8 MiB growth
     assert server.returncode is None
     for _ in range(100):
         status = await api(server, "/api/status")

@@ -58,6 +58,7 @@ from tests.e2e.loadgen import (
     settle,
     source_for,
 )
+from tests.e2e.procstats import report
 from tests.e2e.services import DuplexDigestService, echo_check, pattern_digest
 
 KIB = 1024
@@ -134,12 +135,6 @@ async def assert_clean(relay: Relay, pids: Mapping[str, int],
     assert ok, (f"not clean within {CLEAN_WITHIN} s: {streams} open streams, fds {last} vs "
                 f"baseline {dict(base_fds)}")
     return last
-
-
-def report(test: str, **figures: object) -> None:
-    """Print the measured figures (shown with pytest -s, kept in the -rA summary)."""
-    text = ", ".join(f"{k}={v}" for k, v in figures.items())
-    print(f"\n[{test}] {text}")
 
 
 # ----------------------------------------------------------------------------- L-1

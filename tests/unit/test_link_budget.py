@@ -13,7 +13,7 @@ from typing import Any, cast
 from tests.recording_transport import RecordingTransport
 from tests.unit.test_link_fairness import _drain_to_low_water, _socket
 from tunnel.common.budget import LinkGroup
-from tunnel.common.link import Link
+from tunnel.common.link import STREAM_READ_LIMIT, STREAM_READ_SQUEEZED, Link, StreamSocket
 from tunnel.common.mux import INITIAL_WINDOW, Mux, Role
 from tunnel.common.wsframing import WsFraming, encode_frame
 
@@ -108,3 +108,28 @@ async def test_received_messages_over_the_share_pause_that_link_only() -> None:
     assert busy_transport.reading and group.received == 1024
     quiet.leave()
     assert group.received == 0
+
+
+def test_stream_sockets_read_small_bites_while_the_group_is_squeezed() -> None:
+    """2000 visitors sending at once: each ready socket would be read in full within one
+    loop turn before any pause applies (L-3); past half the budget a read takes 16 KiB."""
+    group = LinkGroup(ceiling=8 * MIB)
+    link = grouped_link(group)
+    sock = StreamSocket(link, 1)
+    assert len(sock.get_buffer(-1)) == STREAM_READ_LIMIT
+    group.queued = 4 * MIB
+    assert not group.squeezed()
+    group.queued = 4 * MIB + 1
+    assert group.squeezed()
+    assert len(sock.get_buffer(-1)) == STREAM_READ_SQUEEZED
+    assert len(StreamSocket().get_buffer(-1)) == STREAM_READ_LIMIT  # no link yet: no group
+
+
+def test_a_buffered_read_reaches_the_stream_as_the_bytes_read() -> None:
+    sock = StreamSocket()
+    got: list[bytes] = []
+    sock.data_received = got.append  # type: ignore[method-assign]
+    buf = sock.get_buffer(-1)
+    buf[:5] = b"hello"
+    sock.buffer_updated(5)
+    assert got == [b"hello"] and isinstance(got[0], bytes)

@@ -36,6 +36,10 @@ class LinkGroup:
         self.queued = 0  # stream data queued to send (Link.note_queue)
         self.received = 0  # received messages not yet read (WsFraming)
 
+    def squeezed(self) -> bool:
+        """Over half the queue budget: stream sockets read in small bites (see StreamSocket)."""
+        return self.queued > self.ceiling // 2
+
     def over_share(self, link_queued: int) -> bool:
         """The group queues more than its ceiling and a link queueing this much is to blame."""
         return self._to_blame(self.queued, self.ceiling, link_queued)

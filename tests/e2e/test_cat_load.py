@@ -318,11 +318,15 @@ async def test_L3_many_clients_two_ports_each(tmp_path: Path, variant: Variant,
     same two cores as the relay and the test: each costs ~0.12 CPU-s to start and log in
     (0.3 before the client stopped importing cryptography.x509, YAML and the relay's
     config, and before port-set claims stopped being quadratic), so logins take 14-16 s,
-    within the 20 s bound, kept as it is. With TLS the relay's growth is ~400-490 MiB
-    against the 200 MiB bound (plain: 99-110 MiB): after the load the C heap still holds
-    ~220-270 MiB in use (mallinfo2), ~1.3 MiB per link that ran busy, not in our queues (a
-    relay-wide budget keeps those under 32 MiB); most likely in the event loop's TLS layer
-    (memory BIOs keep their high-water size), not yet measured apart. The fast size is 10
+    within the 20 s bound, kept as it is. Relay growth (session 11, full size): asyncio-plain
+    50-59 MiB, asyncio-tls 149-152, uvloop-plain 157-163, uvloop-tls 209-211 (over the
+    bound). Three causes were found and fixed: the event loop's TLS kept each busy link's
+    memory BIOs at their high-water mark (400-490 MiB with TLS; our TLS layer since), four
+    full frames per link message held 512 KiB buffers per busy link (one frame per message
+    since), and every ready visitor socket was read 256 KiB at a time within one loop turn
+    before any pause (small reads past half the links' budget since). What remains is a
+    transient peak of Python allocations, larger on uvloop (tracemalloc peak ~145 MiB vs
+    ~95 on asyncio), not yet located. The fast size is 10
     clients because 20 took 13-20 s to start on the shared CI box (load average above 20),
     too close to the bound.
     """

@@ -18,9 +18,9 @@ from __future__ import annotations
 __all__ = ["GROUP_CEILING", "GROUP_RECV_CEILING", "LinkGroup"]
 
 #: Stream data queued to be sent, summed over a relay's links (see the module docstring).
-GROUP_CEILING = 32 * 1024 * 1024
+GROUP_CEILING = 16 * 1024 * 1024
 #: Received messages not yet taken by the links' readers, summed over a relay's links.
-GROUP_RECV_CEILING = 32 * 1024 * 1024
+GROUP_RECV_CEILING = 16 * 1024 * 1024
 
 
 class LinkGroup:

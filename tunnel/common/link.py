@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -46,6 +45,7 @@ from .mux import (
     StreamReset,
     WindowOpened,
 )
+from .readbuffer import READ_SIZE, read_buffer
 from .wsframing import WsFraming
 
 __all__ = [
@@ -73,12 +73,10 @@ LINK_WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 #: Queued control replies (pongs, resets) above which the peer is flooding us.
 LINK_URGENT_LIMIT = 1024 * 1024
 WATCHDOG_INTERVAL = 0.5
-#: Most one read of a stream socket takes: what asyncio and uvloop read at once themselves.
-STREAM_READ_LIMIT = 256 * 1024
+#: Most one read of a stream socket takes (into the thread's shared read buffer).
+STREAM_READ_LIMIT = READ_SIZE
 #: ... while the relay's links together queue over half their budget (LinkGroup.squeezed).
 STREAM_READ_SQUEEZED = 16 * 1024
-
-_shared = threading.local()
 #: WebSocket close codes used when we end a link.
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
@@ -108,14 +106,6 @@ def abort_with_reset(transport: asyncio.BaseTransport) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     cast(asyncio.Transport, transport).abort()
-
-
-def _stream_buffer() -> memoryview:
-    """This thread's read buffer for stream sockets (each read is copied out at once)."""
-    view: memoryview | None = getattr(_shared, "view", None)
-    if view is None:
-        view = _shared.view = memoryview(bytearray(STREAM_READ_LIMIT))
-    return view
 
 
 class StreamSocket(asyncio.BufferedProtocol):
@@ -183,11 +173,11 @@ class StreamSocket(asyncio.BufferedProtocol):
         link = self.link
         group = link.group if link is not None else None
         if group is not None and group.squeezed():
-            return _stream_buffer()[:STREAM_READ_SQUEEZED]
-        return _stream_buffer()
+            return read_buffer()[:STREAM_READ_SQUEEZED]
+        return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(_stream_buffer()[:nbytes]))
+        self.data_received(bytes(read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         link = self.link

@@ -28,9 +28,10 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
+
+from .readbuffer import READ_SIZE, read_buffer
 
 __all__ = ["FEED_CHUNK", "READ_CHUNK", "TLS_RECORD", "TlsLayer", "TlsTransport",
            "start_tls"]
@@ -39,11 +40,10 @@ log = logging.getLogger("tunnel.tls")
 
 #: Plaintext per ``SSLObject.write``: one full TLS record.
 TLS_RECORD = 16 * 1024
-#: Ciphertext read from the socket at a time, into one buffer shared by every connection of
-#: the thread (the data is consumed before the next read). As large as asyncio's own TLS
-#: reads: a busy link must move as much per event-loop turn as before, or its heartbeats
-#: wait behind its data (L-3 with 32 KiB reads: links declared dead under load).
-READ_CHUNK = 256 * 1024
+#: Ciphertext read from the socket at a time, into the thread's shared read buffer. As large
+#: as asyncio's own TLS reads: a busy link must move as much per event-loop turn as before, or
+#: its heartbeats wait behind its data (L-3 with 32 KiB reads: links declared dead under load).
+READ_CHUNK = READ_SIZE
 #: Ciphertext given to OpenSSL at a time, then decrypted: the most the incoming BIO holds
 #: (plus one partial record).
 FEED_CHUNK = 64 * 1024
@@ -52,16 +52,6 @@ PLAIN_CHUNK = 64 * 1024
 
 _HANDSHAKING, _OPEN, _CLOSED = "handshaking", "open", "closed"
 _MORE, _DRY, _PEER_CLOSED = object(), object(), object()  # outcomes of one read
-
-_shared = threading.local()
-
-
-def _read_buffer() -> memoryview:
-    """This thread's read buffer (each read is consumed before the loop reads again)."""
-    view: memoryview | None = getattr(_shared, "view", None)
-    if view is None:
-        view = _shared.view = memoryview(bytearray(READ_CHUNK))
-    return view
 
 
 def records(buffers: Iterable[bytes | bytearray | memoryview]) -> Iterator[bytes | memoryview]:
@@ -125,7 +115,7 @@ class TlsTransport(asyncio.Transport):
         raise NotImplementedError("TLS transports cannot write EOF")
 
     def get_write_buffer_size(self) -> int:
-        return self._layer.tcp.get_write_buffer_size() + self._layer.outgoing.pending
+        return self._layer.tcp.get_write_buffer_size()  # the BIOs are emptied at each write
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return self._layer.tcp.get_write_buffer_limits()
@@ -187,10 +177,10 @@ class TlsLayer(asyncio.BufferedProtocol):
         self._handshake()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffer()
+        return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._receive(_read_buffer()[:nbytes])
+        self._receive(read_buffer()[:nbytes])
 
     def data_received(self, data: bytes) -> None:  # transports that ignore get_buffer
         self._receive(memoryview(data))

@@ -13,7 +13,6 @@ and websockets sees the layer's transport once the handshake is done.
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 
 from websockets.asyncio.server import ServerConnection
@@ -24,8 +23,6 @@ from .guard import SourceSlots
 from .listeners import limited_log
 
 __all__ = ["PreAuthConnection", "preauth_connection"]
-
-log = logging.getLogger("tunnel.server.preauth")
 
 class PreAuthConnection(ServerConnection):
     """A control connection that holds a pre-auth slot from TCP accept until login ends.
@@ -73,10 +70,8 @@ class PreAuthConnection(ServerConnection):
         layer.handshake_done.add_done_callback(self._tls_done)
 
     def _tls_done(self, done: asyncio.Future[None]) -> None:
-        if done.cancelled() or done.exception() is not None:
-            # The layer has aborted the connection; websockets never saw it.
-            log.debug("control port: TLS handshake with %s failed: %s", self.preauth_source,
-                      None if done.cancelled() else done.exception())
+        if done.exception() is not None:
+            # The layer has logged why and aborted the connection; websockets never saw it.
             self.release_preauth()
 
     def _made_with(self, transport: asyncio.BaseTransport) -> None:

@@ -76,3 +76,20 @@ async def test_live_paused_socket_is_left_alone() -> None:
         assert stream.transport is not None
         stream.transport.abort()
         server.close()
+
+
+async def test_remote_eof_after_an_unnoticed_reset_resets_only_the_stream() -> None:
+    """Found by R-10 in CI: the peer's FIN came for a stream whose visitor had reset while
+    reading was paused; asyncio's ``write_eof`` raised ENOTCONN out of the link's read loop
+    and took the whole link (every other stream of that client) down with it."""
+    link, stream, server, _ = await _paused_stream(reset_peer=True)
+    try:
+        await _settle()
+        assert not stream.closed
+        stream.remote_eof()  # must not raise
+        assert stream.closed and 1 not in link.streams and 1 not in link.mux
+        frames = list(decode_frames(link.mux.next_message() or b""))
+        assert [(f.type, f.stream_id, f.value) for f in frames] == [
+            (FrameType.RESET, 1, ResetCode.ABORTED)]
+    finally:
+        server.close()

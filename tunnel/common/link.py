@@ -251,7 +251,14 @@ class StreamSocket(asyncio.BufferedProtocol):
             return
         self._remote_eof = True
         if self.transport.can_write_eof():
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError as exc:
+                # The local end was reset and nothing noticed yet (reading paused, nothing
+                # queued): asyncio's write_eof shuts the socket down directly and raises
+                # ENOTCONN. That ends this stream, never the link (R-10 under CI load).
+                self._lost_locally(exc)
+                return
         self._maybe_finish()
 
     def window_opened(self) -> None:
@@ -348,8 +355,13 @@ class StreamSocket(asyncio.BufferedProtocol):
         except OSError:
             return
         if err:
-            self.connection_lost(OSError(err, os.strerror(err)))
-            transport.abort()
+            self._lost_locally(OSError(err, os.strerror(err)))
+
+    def _lost_locally(self, exc: OSError) -> None:
+        """The local socket failed outside the loop's view: reset the stream, drop the fd."""
+        self.connection_lost(exc)
+        if self.transport is not None:
+            self.transport.abort()
 
     def detached(self) -> None:
         """The stream left its link (finished, reset or the link died); a hook."""

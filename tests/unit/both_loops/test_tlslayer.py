@@ -26,6 +26,7 @@ from tunnel.common.tls import cert_file_fingerprint, generate_self_signed, serve
 from tunnel.common.tlslayer import (
     FEED_CHUNK,
     READ_CHUNK,
+    READ_SQUEEZED,
     TLS_RECORD,
     TlsLayer,
     records,
@@ -261,6 +262,67 @@ async def test_paused_reading_pauses_tcp_and_resumes_in_order(connect: Any) -> N
     pair.server.transport.resume_reading()
     await wait_for(lambda: sink.received >= len(payload), sink.progress)
     assert sink.digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+class Stutter(Sink):
+    """Pauses reading after every delivery and resumes from a task on a later turn, as the
+    relay's link framing does while the relay's links hold more than their budget."""
+
+    max_backlog: int = 0
+    pauses: int = 0
+
+    def buffer_updated(self, nbytes: int) -> None:
+        super().buffer_updated(nbytes)
+        assert self.layer is not None and self.transport is not None
+        self.max_backlog = max(self.max_backlog, len(self.layer._backlog))
+        if self.transport.is_reading():
+            self.pauses += 1
+            self.transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._resume_later())
+
+    async def _resume_later(self) -> None:
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert self.layer is not None and self.transport is not None
+        self.max_backlog = max(self.max_backlog, len(self.layer._backlog))
+        self.transport.resume_reading()
+
+
+async def test_a_protocol_that_keeps_pausing_holds_at_most_one_read_back(
+        connect: Any) -> None:
+    """Found by L-3 on uvloop: TCP was resumed with the protocol while the rest of the read
+    that met the pause still waited, so reads piled up behind it whenever the protocol
+    paused again before the backlog was taken (~1.3 MiB per link, ~95 MiB over 200 links,
+    outside every budget). TCP now resumes only once the backlog is taken."""
+    sink = Stutter()
+    pair = await connect(sink, Sink())
+    sink.layer = pair.server
+    payload = blob(8 * 1024 * 1024, seed=9)
+    pair.client.transport.write(payload)
+    await wait_for(lambda: sink.received >= len(payload), sink.progress)
+    assert sink.digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert sink.pauses > 10
+    assert sink.max_backlog <= READ_CHUNK
+
+
+async def test_squeezed_reads_leave_nothing_behind_a_pause(connect: Any) -> None:
+    """While the owner says it is squeezed, a read is one feed chunk: all of it goes to
+    OpenSSL at once, so a protocol that pauses at every delivery leaves no backlog (L-3:
+    200 links pausing in one turn each held the rest of a 256 KiB read)."""
+    sink = Stutter()
+    pair = await connect(sink, Sink())
+    sink.layer = pair.server
+    asked: list[int] = []
+    pair.server.squeezed = lambda: not asked.append(1)
+    payload = blob(4 * 1024 * 1024, seed=11)
+    pair.client.transport.write(payload)
+    await wait_for(lambda: sink.received >= len(payload), sink.progress)
+    assert sink.digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert sink.pauses > 10 and asked
+    assert sink.max_backlog == 0
+    assert pair.server.get_buffer(-1).nbytes == READ_SQUEEZED
+    pair.server.squeezed = lambda: False
+    assert pair.server.get_buffer(-1).nbytes == READ_CHUNK
 
 
 async def test_write_backpressure_reaches_the_protocol(connect: Any) -> None:

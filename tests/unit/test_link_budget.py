@@ -8,6 +8,7 @@ again by its own rule only, so a slow link never keeps the others paused.
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any, cast
 
 from tests.recording_transport import RecordingTransport
@@ -16,6 +17,8 @@ from tunnel.common.budget import LinkGroup
 from tunnel.common.link import STREAM_READ_LIMIT, STREAM_READ_SQUEEZED, Link, StreamSocket
 from tunnel.common.mux import INITIAL_WINDOW, Mux, Role
 from tunnel.common.wsframing import WsFraming, encode_frame
+from tunnel.server.guard import SourceSlots
+from tunnel.server.preauth import preauth_connection
 
 MIB = 1024 * 1024
 
@@ -123,6 +126,29 @@ def test_stream_sockets_read_small_bites_while_the_group_is_squeezed() -> None:
     assert group.squeezed()
     assert len(sock.get_buffer(-1)) == STREAM_READ_SQUEEZED
     assert len(StreamSocket().get_buffer(-1)) == STREAM_READ_LIMIT  # no link yet: no group
+
+
+def test_tls_links_are_squeezed_past_half_the_received_budget() -> None:
+    """The relay hands ``recv_squeezed`` to every TLS layer it starts (tlslayer.py)."""
+    group = LinkGroup(recv_ceiling=8 * MIB)
+    group.received = 4 * MIB
+    assert not group.recv_squeezed()
+    group.received = 4 * MIB + 1
+    assert group.recv_squeezed() and not group.squeezed()
+
+
+def test_the_preauth_class_keeps_the_budget_predicate_unbound() -> None:
+    """Stored on the class preauth_connection builds, the group's bound method must not be
+    bound again to the connection (a plain function attribute would be)."""
+    group = LinkGroup(recv_ceiling=8 * MIB)
+    cls = preauth_connection(SourceSlots(4, 4), ssl.create_default_context(
+        ssl.Purpose.CLIENT_AUTH), 5.0, group.recv_squeezed)
+    squeezed = cls.__new__(cls).tls_squeezed  # as _hand_over_to_tls reads it
+    assert squeezed is not None
+    group.received = 8 * MIB
+    assert squeezed()
+    group.received = 0
+    assert not squeezed()
 
 
 def test_a_buffered_read_reaches_the_stream_as_the_bytes_read() -> None:

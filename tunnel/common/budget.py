@@ -40,6 +40,10 @@ class LinkGroup:
         """Over half the queue budget: stream sockets read in small bites (see StreamSocket)."""
         return self.queued > self.ceiling // 2
 
+    def recv_squeezed(self) -> bool:
+        """Over half the received budget: TLS links read in small bites (see tlslayer.py)."""
+        return self.received > self.recv_ceiling // 2
+
     def over_share(self, link_queued: int) -> bool:
         """The group queues more than its ceiling and a link queueing this much is to blame."""
         return self._to_blame(self.queued, self.ceiling, link_queued)

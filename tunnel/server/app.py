@@ -133,7 +133,8 @@ class Relay:
             process_request=self.control.process_request,
             # The connection class takes a pre-auth slot at TCP accept, then does TLS itself
             # (preauth.py says why), so serve() gets no ssl context.
-            create_connection=preauth_connection(self.preauth, ssl_context, HANDSHAKE_TIMEOUT),
+            create_connection=preauth_connection(self.preauth, ssl_context, HANDSHAKE_TIMEOUT,
+                                                 self.links.recv_squeezed),
             compression=None, max_size=MAX_MESSAGE_SIZE, ping_interval=None,
             open_timeout=HANDSHAKE_TIMEOUT, close_timeout=2.0,
             server_header=None, ssl=None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection
 
@@ -33,6 +34,8 @@ class PreAuthConnection(ServerConnection):
     slots: SourceSlots = SourceSlots()
     tls: ssl.SSLContext | None = None
     tls_timeout: float = 5.0
+    #: The relay's links hold over half their received budget (LinkGroup.recv_squeezed).
+    tls_squeezed: Callable[[], bool] | None = None
     preauth_source: str | None = None
     _accepted = False  # the plain TCP connection was seen (and counted)
     _made = False  # websockets has seen connection_made
@@ -66,7 +69,8 @@ class PreAuthConnection(ServerConnection):
         transport once the handshake is done, within ``tls_timeout``.
         """
         layer = start_tls(transport, self, context, server_side=True,
-                          handshake_timeout=self.tls_timeout, name=self.preauth_source or "?")
+                          handshake_timeout=self.tls_timeout, name=self.preauth_source or "?",
+                          squeezed=self.tls_squeezed)
         layer.handshake_done.add_done_callback(self._tls_done)
 
     def _tls_done(self, done: asyncio.Future[None]) -> None:
@@ -91,11 +95,13 @@ class PreAuthConnection(ServerConnection):
 
 
 def preauth_connection(slots: SourceSlots, tls: ssl.SSLContext | None = None,
-                       tls_timeout: float = 5.0) -> type[PreAuthConnection]:
+                       tls_timeout: float = 5.0,
+                       squeezed: Callable[[], bool] | None = None) -> type[PreAuthConnection]:
     """A :class:`PreAuthConnection` class for ``serve(create_connection=...)``.
 
     With ``tls``, pass ``ssl=None`` to ``serve``: the class does the TLS handshake itself,
     after the slot is taken, within ``tls_timeout`` seconds.
     """
     return type("RelayConnection", (PreAuthConnection,),
-                {"slots": slots, "tls": tls, "tls_timeout": tls_timeout})
+                {"slots": slots, "tls": tls, "tls_timeout": tls_timeout,
+                 "tls_squeezed": staticmethod(squeezed) if squeezed is not None else None})

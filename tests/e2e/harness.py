@@ -130,6 +130,8 @@ class Proc:
         self.stdout_lines: list[str] = []
         self.stderr_lines: list[str] = []
         self.started_at = time.monotonic()
+        #: When the test read the program's first line (its imports done, its loop chosen).
+        self.first_output_at: float | None = None
         self._changed = asyncio.Event()
         assert process.stdout is not None and process.stderr is not None
         self._readers = [
@@ -143,6 +145,8 @@ class Proc:
     async def _pump(self, stream: asyncio.StreamReader, sink: list[str]) -> None:
         # Bounded by the pipe: the loop ends at EOF, i.e. when the process is gone.
         while line := await stream.readline():
+            if self.first_output_at is None:
+                self.first_output_at = time.monotonic()
             sink.append(line.decode("utf-8", "replace").rstrip("\r\n"))
             self._changed.set()
         self._changed.set()

@@ -50,16 +50,21 @@ async def _settle() -> None:
         await asyncio.sleep(0.01)
 
 
+def _assert_reset_as_aborted(link: Link, stream: StreamSocket) -> None:
+    """The stream is gone from the link and the peer is told ABORTED, nothing else."""
+    assert stream.closed and 1 not in link.streams and 1 not in link.mux
+    frames = list(decode_frames(link.mux.next_message() or b""))
+    assert [(f.type, f.stream_id, f.value) for f in frames] == [
+        (FrameType.RESET, 1, ResetCode.ABORTED)]
+
+
 async def test_reset_while_paused_resets_the_stream() -> None:
     link, stream, server, _ = await _paused_stream(reset_peer=True)
     try:
         await _settle()
         assert not stream.closed  # nothing polls a paused socket by itself
         stream.check_reset()
-        assert stream.closed and 1 not in link.streams and 1 not in link.mux
-        frames = list(decode_frames(link.mux.next_message() or b""))
-        assert [(f.type, f.stream_id, f.value) for f in frames] == [
-            (FrameType.RESET, 1, ResetCode.ABORTED)]
+        _assert_reset_as_aborted(link, stream)
     finally:
         server.close()
 
@@ -87,9 +92,6 @@ async def test_remote_eof_after_an_unnoticed_reset_resets_only_the_stream() -> N
         await _settle()
         assert not stream.closed
         stream.remote_eof()  # must not raise
-        assert stream.closed and 1 not in link.streams and 1 not in link.mux
-        frames = list(decode_frames(link.mux.next_message() or b""))
-        assert [(f.type, f.stream_id, f.value) for f in frames] == [
-            (FrameType.RESET, 1, ResetCode.ABORTED)]
+        _assert_reset_as_aborted(link, stream)
     finally:
         server.close()

@@ -27,6 +27,7 @@ __all__ = [
     "ALPHA_TOKEN",
     "BETA_TOKEN",
     "EXIT_TIMEOUT",
+    "GATE_UP_RE",
     "LINE_TIMEOUT",
     "PINS",
     "STARTED",
@@ -37,6 +38,7 @@ __all__ = [
     "client_source",
     "free_port_range",
     "free_ports",
+    "release",
     "server_config",
     "set_variant",
     "start_client",
@@ -60,6 +62,19 @@ LISTENING_RE = r"^tunnel-server: listening on (?P<url>wss?://\S+)$"
 FINGERPRINT_RE = r"^tunnel-server: tls fingerprint (?P<fp>sha256:[0-9a-f]{64})$"
 
 STARTED: list[Proc] = []
+
+#: Run by a gated program (:func:`start_proc`): import the module (the interpreter's and the
+#: imports' start-up), say so, wait for the test's release line on stdin, then run the module
+#: as ``python -m`` does. The module's code runs again as ``__main__``; its imports are cached.
+GATE_CODE = """
+import importlib, runpy, sys
+module = sys.argv.pop(1)
+importlib.import_module(module)
+print("gate: up", flush=True)
+sys.stdin.buffer.readline()
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+GATE_UP_RE = r"^gate: up$"
 
 
 @dataclass(frozen=True)
@@ -130,8 +145,6 @@ class Proc:
         self.stdout_lines: list[str] = []
         self.stderr_lines: list[str] = []
         self.started_at = time.monotonic()
-        #: When the test read the program's first line (its imports done, its loop chosen).
-        self.first_output_at: float | None = None
         self._changed = asyncio.Event()
         assert process.stdout is not None and process.stderr is not None
         self._readers = [
@@ -145,8 +158,6 @@ class Proc:
     async def _pump(self, stream: asyncio.StreamReader, sink: list[str]) -> None:
         # Bounded by the pipe: the loop ends at EOF, i.e. when the process is gone.
         while line := await stream.readline():
-            if self.first_output_at is None:
-                self.first_output_at = time.monotonic()
             sink.append(line.decode("utf-8", "replace").rstrip("\r\n"))
             self._changed.set()
         self._changed.set()
@@ -274,16 +285,18 @@ async def start_proc(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     wrap: Sequence[str] = (),
+    gated: bool = False,
 ) -> Proc:
     """``wrap`` prefixes the command (e.g. ``prlimit --nofile=256:256``); it must exec the
-    program so that the pid stays the program's."""
+    program so that the pid stays the program's. A ``gated`` program starts its interpreter
+    and imports, prints ``gate: up`` and waits for :func:`release` before it runs."""
+    launch = ["-c", GATE_CODE, module] if gated else ["-m", module]
     process = await asyncio.create_subprocess_exec(
         *wrap,
         sys.executable,
-        "-m",
-        module,
+        *launch,
         *args,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.PIPE if gated else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=_child_env(env),
@@ -293,6 +306,20 @@ async def start_proc(
     proc = Proc(name, process)
     STARTED.append(proc)
     return proc
+
+
+async def release(procs: Sequence[Proc]) -> None:
+    """Let gated programs (all already up: see :data:`GATE_UP_RE`) run, as close to
+    together as the pipes allow."""
+    for proc in procs:
+        assert proc.process.stdin is not None, f"{proc.name} is not gated"
+        proc.process.stdin.write(b"go\n")
+    for proc in procs:
+        stdin = proc.process.stdin
+        assert stdin is not None
+        with contextlib.suppress(ConnectionError):  # a program that died is reported later
+            await stdin.drain()
+        stdin.close()
 
 
 def server_config(
@@ -350,10 +377,12 @@ async def start_client(
     env: Mapping[str, str] | None = None,
     name: str = "tunnel-client",
     extra: Sequence[str] = (),
+    gated: bool = False,
 ) -> Proc:
     """Start a client; ``url``/``token`` of None are left out (e.g. given through ``env``).
 
-    ``extra`` are further command-line arguments (``--source-address 127.0.0.9``)."""
+    ``extra`` are further command-line arguments (``--source-address 127.0.0.9``); a
+    ``gated`` client waits for :func:`release` (see :func:`start_proc`)."""
     args: list[str] = list(extra)
     if url is not None:
         args += ["--server", url]
@@ -363,7 +392,7 @@ async def start_client(
         args += ["--token", token]
     for spec in exposes:
         args += ["--expose", spec]
-    return await start_proc(name, CLIENT_MODULE, args, env=env)
+    return await start_proc(name, CLIENT_MODULE, args, env=env, gated=gated)
 
 
 async def wait_tunnel(

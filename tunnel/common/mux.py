@@ -17,8 +17,13 @@ Floods are bounded here, on an injected clock (reliability B-4, B-7, I-5): frame
 no stream bytes and that the peer sends on its own initiative (PING, GOAWAY, CONTROL, and
 window updates that return no credit we actually spent) are limited to
 ``MAX_CONTROL_FRAMES_PER_SECOND``; empty DATA frames to ``MAX_EMPTY_DATA_PER_SECOND``; DATA for
-a stream we already reset, beyond what the peer may still have had in flight, to
+a stream reset by either side, beyond what the peer may still have had in flight, to
 ``MAX_STRAY_DATA_PER_MINUTE``. Going over any of them is a protocol error.
+
+RESET goes out ahead of queued DATA (control frames first), so a reset drops the stream's
+DATA still queued here: sent behind the RESET, it would reach a peer that already forgot
+the stream (F-5: 256 visitors leaving at once put over 100 such frames on the wire, and the
+client closed the link for stray data).
 """
 
 from __future__ import annotations
@@ -216,6 +221,7 @@ class _Stream:
     unacked: int = 0  # consumed bytes not yet granted back
     local_ended: bool = False
     remote_ended: bool = False
+    queued: int = 0  # bytes of this stream's DATA frames waiting in the send queue
 
 
 @dataclass
@@ -228,7 +234,11 @@ class Mux:
     _streams: dict[int, _Stream] = field(default_factory=dict)
     _urgent: list[bytes] = field(default_factory=list)
     _urgent_size: int = 0
-    _data: deque[bytes] = field(default_factory=deque)
+    #: DATA frames by stream id, in sending order.
+    _data: deque[tuple[int, bytes]] = field(default_factory=deque)
+    #: Streams reset while frames of theirs were queued: those are skipped when taken.
+    #: Ids are never reused, so the set empties whenever the queue does.
+    _dropped: set[int] = field(default_factory=set)
     #: Bytes of DATA frames queued but not yet taken by :meth:`next_message`.
     pending_data_bytes: int = 0
     _last_id: int = 0
@@ -244,7 +254,7 @@ class Mux:
         default_factory=lambda: RateLimit(MAX_EMPTY_DATA_PER_SECOND, 1.0))
     _stray_rate: RateLimit = field(
         default_factory=lambda: RateLimit(MAX_STRAY_DATA_PER_MINUTE, 60.0))
-    #: Closed stream -> DATA bytes the peer may still have had in flight when we reset it.
+    #: Reset stream -> DATA bytes the peer may still have had in flight (either side reset it).
     _in_flight_allowance: dict[int, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ outputs
@@ -265,36 +275,63 @@ class Mux:
             batch, self._urgent = urgent[:count], urgent[count:]
             self._urgent_size -= size
             return batch[0] if count == 1 else b"".join(batch)
-        data = self._data
-        if not data:
+        if self._peek_data() is None:
             return None
-        first = data.popleft()
+        first = self._pop_data()
         size = len(first)
-        if not data or size + len(data[0]) > SEND_MESSAGE_SIZE:
-            self.pending_data_bytes -= size
+        if (following := self._peek_data()) is None or size + len(following) > SEND_MESSAGE_SIZE:
             return first
         batch = [first]
-        while data and size + len(data[0]) <= SEND_MESSAGE_SIZE:
-            frame = data.popleft()
+        while following is not None and size + len(following) <= SEND_MESSAGE_SIZE:
+            frame = self._pop_data()
             size += len(frame)
             batch.append(frame)
-        self.pending_data_bytes -= size
+            following = self._peek_data()
         return b"".join(batch)
+
+    def _peek_data(self) -> bytes | None:
+        """The next queued DATA frame still wanted, past those of streams reset meanwhile."""
+        data, dropped = self._data, self._dropped
+        while data:
+            stream_id, frame = data[0]
+            if stream_id not in dropped:
+                return frame
+            data.popleft()
+        dropped.clear()
+        return None
+
+    def _pop_data(self) -> bytes:
+        """Take the frame :meth:`_peek_data` returned."""
+        stream_id, frame = self._data.popleft()
+        size = len(frame)
+        self.pending_data_bytes -= size
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.queued -= size
+        return frame
 
     def urgent_bytes(self) -> int:
         """Size of the queued control frames (a flood check for the I/O layer)."""
         return self._urgent_size
 
     def has_output(self) -> bool:
-        return bool(self._urgent or self._data)
+        return bool(self._urgent) or self._peek_data() is not None
 
     def _queue_urgent(self, frame: bytes) -> None:
         self._urgent.append(frame)
         self._urgent_size += len(frame)
 
-    def _queue_data(self, frame: bytes) -> None:
-        self._data.append(frame)
+    def _queue_data(self, stream_id: int, stream: _Stream, frame: bytes) -> None:
+        self._data.append((stream_id, frame))
         self.pending_data_bytes += len(frame)
+        stream.queued += len(frame)
+
+    def _drop_queued(self, stream_id: int, stream: _Stream) -> None:
+        """The stream was reset: its DATA still queued will not be sent (see the module doc)."""
+        if stream.queued:
+            self.pending_data_bytes -= stream.queued
+            stream.queued = 0
+            self._dropped.add(stream_id)
 
     # ------------------------------------------------------------------ queries
 
@@ -336,7 +373,7 @@ class Mux:
         if size == 0:
             return
         stream.send_window -= size
-        self._queue_data(encode_data(stream_id, data))
+        self._queue_data(stream_id, stream, encode_data(stream_id, data))
 
     def send_eof(self, stream_id: int) -> None:
         """Half-close our direction (FIN); the stream is freed once both sides ended."""
@@ -344,7 +381,7 @@ class Mux:
         if stream is None or stream.local_ended:
             return
         stream.local_ended = True
-        self._queue_data(encode_data(stream_id, b"", fin=True))
+        self._queue_data(stream_id, stream, encode_data(stream_id, b"", fin=True))
         self._maybe_free(stream_id, stream)
 
     def reset(self, stream_id: int, code: ResetCode = ResetCode.ABORTED) -> None:
@@ -352,6 +389,7 @@ class Mux:
         stream = self._streams.pop(stream_id, None)
         if stream is None:
             return
+        self._drop_queued(stream_id, stream)
         if not stream.remote_ended:
             self._remember_in_flight(stream_id, stream.recv_window)
         self._queue_urgent(encode_frame(Frame(FrameType.RESET, stream_id, value=code)))
@@ -385,6 +423,9 @@ class Mux:
         ids = list(self._streams)
         self._streams.clear()
         self._in_flight_allowance.clear()
+        self._data.clear()
+        self._dropped.clear()
+        self.pending_data_bytes = 0
         return ids
 
     # ------------------------------------------------------------------ input
@@ -492,10 +533,17 @@ class Mux:
         events.append(StreamOpened(sid, tunnel_id, peer))
 
     def _on_reset(self, frame: Frame, events: list[Event]) -> None:
-        if self._streams.pop(frame.stream_id, None) is None:
-            self._check_known_id(frame.stream_id)
+        sid = frame.stream_id
+        stream = self._streams.pop(sid, None)
+        if stream is None:
+            self._check_known_id(sid)
             return
-        events.append(StreamReset(frame.stream_id, frame.value))
+        self._drop_queued(sid, stream)
+        if not stream.remote_ended:
+            # A peer that queues RESET ahead of its DATA (as ours did) may still send what
+            # its window allowed: drained unpenalised, like DATA racing our own RESET.
+            self._remember_in_flight(sid, stream.recv_window)
+        events.append(StreamReset(sid, frame.value))
 
     def _on_ping(self, frame: Frame, events: list[Event]) -> None:
         self._limit(self._control_rate, "control frames")

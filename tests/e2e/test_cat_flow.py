@@ -54,6 +54,9 @@ RSS_GROWTH = 16 * MIB
 TEST_SOCKET_BUFFER = 256 * 1024
 #: A sender that made no progress for this long is blocked (there is no event for "never").
 STALL = 2.0
+#: F-5 full: a reset a stalled socket's kernel did not accept waits for its next
+#: zero-window probe (see the test); at the fast size 32 streams never got there.
+F5_CLEAN_WITHIN = 30.0
 SLOW_READ = 1024  # F-1: stream A's reader takes 1 KiB per second
 RTT_P99 = 0.5
 SLOWDOWN = 1.25
@@ -326,7 +329,18 @@ async def test_F5_stream_limit_refuses_and_bounds_memory(tmp_path: Path, variant
     ends, the visitor and the service each pushing until blocked. Pass: further visitors
     are reset at once (RST, not queued); relay and client RSS stay <= baseline + 2*N*W +
     32 MiB; the refusals show on the dashboard (JSON and /metrics); after the N streams
-    close, the freed slots serve again and the programs are clean.
+    close, the freed slots serve again and the programs are clean (our addition; the
+    catalogue asks no "clean" here).
+
+    Clean within 30 s at full size, not the usual 5: 256 streams stalled at both ends fill
+    enough socket buffers to put the kernel under TCP memory pressure (nstat:
+    TCPMemoryPressures, TCPRcvQDrop), so a visitor's RST can carry a sequence number
+    past what the relay's socket accepted. The kernel then answers with a challenge ACK
+    (RFC 5961), rate-limited to one per 500 ms per socket (TCPACKSkippedSeq), and the
+    reset lands only with the relay's next zero-window probe, whose backoff doubles while
+    the stream is stalled: 6.6-6.7 s in 2 of 40 runs (uvloop-tls), 0.1-0.5 s otherwise.
+    Nothing the relay can read before then shows the reset (the socket is still
+    ESTABLISHED, no pending error).
 
     Moved from test_link_faults.py (``test_streams_beyond_max_streams_are_refused_...``)."""
     n = size.pick(32, 256)
@@ -373,5 +387,7 @@ async def test_F5_stream_limit_refuses_and_bounds_memory(tmp_path: Path, variant
     growth = {pid: rss.growth_mib(pid) for pid in setup.pids}
     print(f"F-5 {variant.id}: N={n}, RSS growth {growth} MiB (bound {bound / MIB:.0f} MiB)")
     assert all(g * MIB <= bound for g in growth.values()), growth
-    await setup.assert_clean()
+    cleaned = time.monotonic()
+    await setup.assert_clean(within=F5_CLEAN_WITHIN)
+    print(f"F-5 {variant.id}: clean {time.monotonic() - cleaned:.1f} s after the visitors reset")
     await echo_check(echo_port, MIB)  # freed slots serve again

@@ -111,7 +111,7 @@ class Setup:
         await self.dashboard.wait_open_streams(0, timeout=within)
         deadline = time.monotonic() + within
         now = {pid: fd_count(pid) for pid in self.pids}
-        for _ in range(int(CLEAN_WITHIN / POLL_INTERVAL) + 10):
+        for _ in range(int(within / POLL_INTERVAL) + 10):
             if all(abs(now[pid] - self.fds[pid]) <= FD_SLACK for pid in self.pids):
                 return
             if time.monotonic() > deadline:

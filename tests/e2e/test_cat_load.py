@@ -331,9 +331,8 @@ async def test_L3_many_clients_two_ports_each(tmp_path: Path, variant: Variant,
     The API is also timed during the echo load and reported, not asserted: there, on two
     cores shared by the relay, the test's load and up to 200 client programs, an answer's
     wall time measures the OS scheduler as much as the relay (spikes of ~0.5 s are seen
-    while most answers take a few ms).
-    Relay growth before session 12: asyncio-tls 127-152 MiB,
-    uvloop-tls 131-278 (over the bound). Found by sampling inside the relay, fixed: the event
+    while most answers take a few ms). Relay growth before session 12: asyncio-tls 127-152
+    MiB, uvloop-tls 131-278 (over the bound). Found by sampling inside the relay, fixed: the event
     loop's TLS kept each busy link's memory BIOs at their high-water mark (400-490 MiB; our TLS
     layer since), four full frames per link message held 512 KiB buffers per busy link (one
     frame per message since), every ready visitor socket was read 256 KiB at a time within

@@ -277,17 +277,13 @@ class Mux:
             return batch[0] if count == 1 else b"".join(batch)
         if self._peek_data() is None:
             return None
-        first = self._pop_data()
-        size = len(first)
-        if (following := self._peek_data()) is None or size + len(following) > SEND_MESSAGE_SIZE:
-            return first
-        batch = [first]
-        while following is not None and size + len(following) <= SEND_MESSAGE_SIZE:
-            frame = self._pop_data()
-            size += len(frame)
-            batch.append(frame)
-            following = self._peek_data()
-        return b"".join(batch)
+        batch = [self._pop_data()]
+        size = len(batch[0])
+        while (following := self._peek_data()) is not None and \
+                size + len(following) <= SEND_MESSAGE_SIZE:
+            batch.append(self._pop_data())
+            size += len(following)
+        return batch[0] if len(batch) == 1 else b"".join(batch)
 
     def _peek_data(self) -> bytes | None:
         """The next queued DATA frame still wanted, past those of streams reset meanwhile."""
@@ -326,12 +322,17 @@ class Mux:
         self.pending_data_bytes += len(frame)
         stream.queued += len(frame)
 
-    def _drop_queued(self, stream_id: int, stream: _Stream) -> None:
-        """The stream was reset: its DATA still queued will not be sent (see the module doc)."""
+    def _forget_reset(self, stream_id: int, stream: _Stream) -> None:
+        """A reset by either side (the stream already left the table): its DATA still
+        queued will not be sent (see the module doc), and what the peer's window allowed
+        may still arrive; drained unpenalised (a peer that queues RESET ahead of its DATA,
+        as ours did, sends it after the RESET)."""
         if stream.queued:
             self.pending_data_bytes -= stream.queued
             stream.queued = 0
             self._dropped.add(stream_id)
+        if not stream.remote_ended:
+            self._remember_in_flight(stream_id, stream.recv_window)
 
     # ------------------------------------------------------------------ queries
 
@@ -389,9 +390,7 @@ class Mux:
         stream = self._streams.pop(stream_id, None)
         if stream is None:
             return
-        self._drop_queued(stream_id, stream)
-        if not stream.remote_ended:
-            self._remember_in_flight(stream_id, stream.recv_window)
+        self._forget_reset(stream_id, stream)
         self._queue_urgent(encode_frame(Frame(FrameType.RESET, stream_id, value=code)))
 
     def consumed(self, stream_id: int, size: int) -> None:
@@ -538,11 +537,7 @@ class Mux:
         if stream is None:
             self._check_known_id(sid)
             return
-        self._drop_queued(sid, stream)
-        if not stream.remote_ended:
-            # A peer that queues RESET ahead of its DATA (as ours did) may still send what
-            # its window allowed: drained unpenalised, like DATA racing our own RESET.
-            self._remember_in_flight(sid, stream.recv_window)
+        self._forget_reset(sid, stream)
         events.append(StreamReset(sid, frame.value))
 
     def _on_ping(self, frame: Frame, events: list[Event]) -> None:

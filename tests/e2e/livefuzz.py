@@ -150,8 +150,9 @@ class LiveFuzzer:
         if rng.random() < 0.6:  # a well-formed header, to get past the codec into the mux
             session = ftype in (FrameType.PING, FrameType.GOAWAY, FrameType.CONTROL)
             sid = 0 if session else rng.choice([1, 3, 5])
-            flags = {FrameType.DATA: rng.choice([0, 1]),
-                     FrameType.PING: rng.choice([0, 2])}.get(ftype, 0)
+            flag_choices: dict[int, int] = {FrameType.DATA: rng.choice([0, 1]),
+                                            FrameType.PING: rng.choice([0, 2])}
+            flags = flag_choices.get(ftype, 0)
             version = PROTOCOL_VERSION
         else:
             sid = rng.choice([0, 1, 2, 3, 5, 0xFFFFFFFF])

@@ -246,7 +246,12 @@ async def _writable(sock: socket.socket, timeout: float | None) -> bool:
     """Wait until ``sock`` can take more bytes; False when ``timeout`` passed first."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
-    loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock.fileno(), wake)
     try:
         await asyncio.wait_for(ready, timeout)
         return True

@@ -14,10 +14,12 @@ import os
 import socket
 import ssl
 import struct
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from tunnel.common import messages as msg
@@ -54,7 +56,7 @@ async def open_raw(url: str, **kwargs: Any) -> ClientConnection:
     return await connect(url, ssl=_ssl_for(url), **options)
 
 
-def control(message: dict[str, object]) -> bytes:
+def control(message: Mapping[str, object]) -> bytes:
     payload = json.dumps(message).encode()
     return encode_frame(Frame(FrameType.CONTROL, payload=payload))
 
@@ -80,7 +82,7 @@ async def login(url: str, token: str, **kwargs: Any) -> tuple[ClientConnection, 
     return ws, auth
 
 
-async def expect_closed(ws: ClientConnection, timeout: float) -> int | None:
+async def expect_closed(ws: ClientConnection | ServerConnection, timeout: float) -> int | None:
     """Read (and drop) frames until the relay closes; the close code it sent, if any."""
     try:
         async with asyncio.timeout(timeout):
@@ -91,8 +93,8 @@ async def expect_closed(ws: ClientConnection, timeout: float) -> int | None:
     raise AssertionError("unreachable")
 
 
-async def read_frames_until(ws: ClientConnection, wanted: FrameType, stream_id: int,
-                            timeout: float) -> tuple[Frame, list[Frame]]:
+async def read_frames_until(ws: ClientConnection | ServerConnection, wanted: FrameType,
+                            stream_id: int, timeout: float) -> tuple[Frame, list[Frame]]:
     """Read until a frame of ``wanted`` type on ``stream_id`` arrives; (it, all before it)."""
     seen: list[Frame] = []
     async with asyncio.timeout(timeout):

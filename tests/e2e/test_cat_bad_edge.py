@@ -802,7 +802,9 @@ async def test_B6_open_rate_is_configurable(tmp_path: Path) -> None:
     echo = EchoService()
     await echo.start()
     served = {}
-    for label, overrides in (("low", {"open_rate": {"per_source": 10}}), ("default", {})):
+    relays: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("low", {"open_rate": {"per_source": 10}}), ("default", {}))
+    for label, overrides in relays:
         (tmp_path / label).mkdir()
         (port,) = free_ports(1)
         relay, url = await start_server(tmp_path / label,

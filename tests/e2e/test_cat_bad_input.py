@@ -382,12 +382,13 @@ async def test_B3_unknown_version_type_flags_or_text_close_within_100ms(
     the session with 1002 within 100 ms; the relay's protocol-error counter (JSON status
     and Prometheus) goes up by one; no traceback (the e2e fixture); beta keeps serving."""
     relay = await start_relay(tmp_path)
-    bad: bytes | str = {
+    cases: dict[str, bytes | str] = {
         "version": frame_header(version=2),
         "type": frame_header(ftype=7),
         "flags": frame_header(ftype=FrameType.PING, flags=0x8),
         "text": '{"type":"telemetry"}',
-    }[case]
+    }
+    bad = cases[case]
     mark = relay.proc.mark()
     ws = await raw_session(relay)
     code, elapsed = await send_and_time_close(ws, bad)

@@ -154,7 +154,7 @@ def test_the_preauth_class_keeps_the_budget_predicate_unbound() -> None:
 def test_a_buffered_read_reaches_the_stream_as_the_bytes_read() -> None:
     sock = StreamSocket()
     got: list[bytes] = []
-    sock.data_received = got.append  # type: ignore[method-assign]
+    sock.data_received = got.append  # type: ignore[method-assign,assignment]
     buf = sock.get_buffer(-1)
     buf[:5] = b"hello"
     sock.buffer_updated(5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, cast
 
-from tunnel.common.frames import Frame, FrameType, encode_frame
+from tunnel.common.frames import MAX_DATA_PAYLOAD, Frame, FrameType, encode_frame
 from tunnel.common.link import (
     LINK_CEILING,
     LINK_HIGH_WATER,
@@ -19,7 +19,7 @@ from tunnel.common.link import (
     Link,
     StreamSocket,
 )
-from tunnel.common.mux import HEADER_OPEN, INITIAL_WINDOW, MAX_DATA_PAYLOAD, Mux, Role
+from tunnel.common.mux import HEADER_OPEN, INITIAL_WINDOW, Mux, Role
 
 
 class FakeTransport:

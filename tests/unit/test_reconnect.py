@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable
 
 import pytest
 
@@ -58,8 +59,8 @@ async def _delays(script: list[object], caplog: pytest.LogCaptureFixture) -> lis
     caplog.set_level(logging.INFO, logger="tunnel.client")
     real_wait_for = asyncio.wait_for
 
-    async def no_wait(awaitable: object, timeout: float | None) -> None:  # skip the sleeps
-        task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+    async def no_wait(awaitable: Awaitable[object], timeout: float | None) -> None:  # no sleeps
+        task = asyncio.ensure_future(awaitable)
         await asyncio.sleep(0)
         if not task.done():
             task.cancel()

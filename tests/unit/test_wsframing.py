@@ -280,7 +280,7 @@ async def test_local_close_waits_for_the_reply_then_the_server_closes() -> None:
     (sent,) = parse_frames(transport.take(), mask=False)
     assert sent.opcode is Opcode.CLOSE and sent.data == b"\x03\xeaprotocol error"
     assert not closing.done()
-    framing.data_received(masked(Opcode.CLOSE, sent.data))
+    framing.data_received(masked(Opcode.CLOSE, bytes(sent.data)))
     async with asyncio.timeout(1):
         await closing
     assert transport.closing and not transport.aborted
@@ -441,6 +441,7 @@ async def test_take_over_on_both_ends_after_a_real_handshake() -> None:
                 message = await framing.recv()
             except ConnectionClosed:
                 break
+            assert not isinstance(message, str)
             await framing.send(bytes(message)[::-1])
         done.set()
 
@@ -455,7 +456,8 @@ async def test_take_over_on_both_ends_after_a_real_handshake() -> None:
                 payload = os.urandom(size)
                 await client.send(payload)
                 async with asyncio.timeout(5):
-                    assert bytes(await client.recv()) == payload[::-1]
+                    reply = await client.recv()
+                assert not isinstance(reply, str) and bytes(reply) == payload[::-1]
             async with asyncio.timeout(5):
                 await client.close(1000, "done")
                 await done.wait()

@@ -313,7 +313,12 @@ async def test_squeezed_reads_leave_nothing_behind_a_pause(connect: Any) -> None
     pair = await connect(sink, Sink())
     sink.layer = pair.server
     asked: list[int] = []
-    pair.server.squeezed = lambda: not asked.append(1)
+
+    def squeezed() -> bool:
+        asked.append(1)
+        return True
+
+    pair.server.squeezed = squeezed
     payload = blob(4 * 1024 * 1024, seed=11)
     pair.client.transport.write(payload)
     await wait_for(lambda: sink.received >= len(payload), sink.progress)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import secrets
@@ -29,7 +30,7 @@ from typing import Any
 import pytest
 
 from tests.dashboard.client import basic, parse_reply, request
-from tests.e2e.conftest import Size
+from tests.e2e.conftest import LOG_DIR_ENV, Size
 from tests.e2e.faultproxy import FaultProxy
 from tests.e2e.harness import (
     ALPHA_TOKEN,
@@ -499,6 +500,20 @@ def slope_mib_per_hour(series: Sequence[tuple[float, int]]) -> float:
     return (cov / var) * 3600.0 / 1024.0 if var else 0.0
 
 
+def keep_memory_series(name: str, memory: MemorySampler, began: float, ended: float) -> None:
+    """Write the RSS series next to the programs' logs (``TUNNEL_E2E_LOG_DIR``), so that a
+    slope can be looked at after the run: the figure alone cannot tell a steady climb from
+    one late step."""
+    folder = os.environ.get(LOG_DIR_ENV)
+    if not folder:
+        return
+    path = Path(folder) / f"{name}.memory.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pids": memory.pids, "began": began, "ended": ended,
+                                "warmup": SOAK_WARMUP, "series_kib": memory.series}),
+                    encoding="utf-8")
+
+
 async def bulk_round(port: int, sink: DuplexDigestService, first_id: int,
                      tally: SoakTally) -> None:
     """I-1 scaled down: each visitor uploads to the SHA-256 sink while downloading from it."""
@@ -597,6 +612,7 @@ async def test_L5_nightly_soak(tmp_path: Path, variant: Variant) -> None:
                   for name, series in tail.items()}
     growth = {name: round(mib(int(late - early)), 2)
               for name, (early, late) in early_late.items()}
+    keep_memory_series(f"L5-{variant.id}", memory, began, ended)
     report("L-5", seconds=SOAK_SECONDS, bulk_ok=tally.transfers_ok, bulk_rounds=tally.rounds,
            bulk_aborted=tally.availability_failures,
            integrity_failures=tally.integrity_failures + churned.integrity_failures,

@@ -61,6 +61,25 @@ def _rss_kib() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def _mappings() -> dict[str, int]:
+    """Resident KiB by kind of mapping: the brk heap, anonymous mappings (pymalloc's arenas,
+    glibc's large blocks and extra arenas, thread stacks) and file-backed ones."""
+    kib = {"heap": 0, "anon": 0, "anon_maps": 0, "file": 0, "stack": 0}
+    kind = "file"
+    with open("/proc/self/smaps", encoding="ascii", errors="replace") as fh:
+        for line in fh:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                name = fields[5] if len(fields) > 5 else ""
+                kind = ("heap" if name == "[heap]" else "stack" if name.startswith("[stack")
+                        else "anon" if not name or name.startswith("[anon") else "file")
+                if kind == "anon":
+                    kib["anon_maps"] += 1
+            elif fields[0] == "Rss:":
+                kib[kind] += int(fields[1])
+    return kib
+
+
 def _top_types() -> list[tuple[str, int]]:
     counts = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
     return counts.most_common(TOP_TYPES)
@@ -75,7 +94,7 @@ def _grown_lines(first: tracemalloc.Snapshot | None) -> list[str]:
 
 def _sample(t0: float, first: tracemalloc.Snapshot | None) -> dict[str, Any]:
     return {"t": round(time.monotonic() - t0, 1), "wall": time.time(), "rss_kib": _rss_kib(),
-            "blocks": sys.getallocatedblocks(), "malloc": _mallinfo(),
+            "blocks": sys.getallocatedblocks(), "malloc": _mallinfo(), "maps_kib": _mappings(),
             "threads": len(os.listdir("/proc/self/task")), "types": _top_types(),
             "grown": _grown_lines(first)}
 

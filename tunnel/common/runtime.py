@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from tunnel.common.heaptrim import HeapTrimmer, find_malloc_trim
-
 __all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "LINK_NOTSENT_LOWAT", "NO_UVLOOP_ENV",
            "AcceptErrorFilter", "RateLimitedLogger", "limit_unsent", "run", "setup_logging"]
 
@@ -120,18 +118,10 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def run(main: Coroutine[Any, Any, T], trimmer: HeapTrimmer | None = None) -> T:
-    """Run ``main`` on uvloop when it is importable, else on the stock loop, with the heap
-    trimmed now and then (:mod:`tunnel.common.heaptrim`; ``trimmer`` is for tests)."""
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is importable, else on the stock loop."""
     factory = _loop_factory()
     logging.getLogger("tunnel").info("event loop: %s", "asyncio" if factory is None else "uvloop")
-    if trimmer is None:
-        trimmer = HeapTrimmer(find_malloc_trim())
     with asyncio.Runner(loop_factory=factory) as runner:
-        loop = runner.get_loop()
-        loop.set_exception_handler(AcceptErrorFilter())
-        trimmer.start(loop)
-        try:
-            return runner.run(main)
-        finally:
-            trimmer.stop()
+        runner.get_loop().set_exception_handler(AcceptErrorFilter())
+        return runner.run(main)

@@ -30,6 +30,8 @@ import time
 import tracemalloc
 from typing import Any
 
+from tests.e2e.procstats import rss_kib
+
 DEFAULT_MODULE = "tunnel.client.cli"
 DEFAULT_EVERY = 60.0
 TOP_TYPES = 25
@@ -54,11 +56,6 @@ def _mallinfo() -> dict[str, int]:
     info = call()
     return {"heap": info.arena, "mmapped": info.hblkhd, "in_use": info.uordblks,
             "free": info.fordblks, "top_free": info.keepcost}
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/statm", encoding="ascii") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def _mappings() -> dict[str, int]:
@@ -93,7 +90,8 @@ def _grown_lines(first: tracemalloc.Snapshot | None) -> list[str]:
 
 
 def _sample(t0: float, first: tracemalloc.Snapshot | None) -> dict[str, Any]:
-    return {"t": round(time.monotonic() - t0, 1), "wall": time.time(), "rss_kib": _rss_kib(),
+    return {"t": round(time.monotonic() - t0, 1), "wall": time.time(),
+            "rss_kib": rss_kib(os.getpid()),
             "blocks": sys.getallocatedblocks(), "malloc": _mallinfo(), "maps_kib": _mappings(),
             "threads": len(os.listdir("/proc/self/task")), "types": _top_types(),
             "grown": _grown_lines(first)}

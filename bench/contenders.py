@@ -12,7 +12,8 @@ import re
 import sys
 from pathlib import Path
 
-from bench.procs import Proc, echo_ok, free_ports, wait_accepting
+from bench.procs import Proc, echo_ok, wait_accepting
+from tests.e2e.ports import free_ports
 
 ALL = ("direct", "frp-tls", "frp-plain", "tunnel-tls", "tunnel-plain")
 #: Opt-in (``--contenders``): the tunnel with websockets' own framing for the whole link

@@ -105,17 +105,6 @@ def echo_ok(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"no echo through 127.0.0.1:{port} after {timeout} s ({last})")
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports that were free a moment ago."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(n):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
-
-
 def _children(pids: Sequence[int]) -> list[int]:
     """``pids`` plus their descendants (a bounded scan of /proc)."""
     parents: dict[int, int] = {}

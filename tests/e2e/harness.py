@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+
+from tests.e2e.ports import free_port_range, free_ports
 
 __all__ = [
     "ALPHA_TOKEN",
@@ -103,36 +104,6 @@ PINS: dict[str, str] = {}
 def set_variant(variant: Variant) -> None:
     global VARIANT
     VARIANT = variant
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports on 127.0.0.1 that were free a moment ago (bound together)."""
-    with contextlib.ExitStack() as stack:
-        ports: list[int] = []
-        for _ in range(n):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
-
-
-def free_port_range(n: int, attempts: int = 50) -> tuple[int, int]:
-    """A contiguous range ``(lo, hi)`` of ``n`` ports that were free a moment ago."""
-    for _ in range(attempts):
-        with contextlib.ExitStack() as stack:
-            first = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            first.bind(("127.0.0.1", 0))
-            lo = int(first.getsockname()[1])
-            if lo + n - 1 > 65535:
-                continue
-            try:
-                for port in range(lo + 1, lo + n):
-                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                    sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return lo, lo + n - 1
-    raise RuntimeError(f"no run of {n} free ports found in {attempts} attempts")
 
 
 class Proc:

@@ -9,15 +9,19 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, TypeVar
 
-__all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "LINK_NOTSENT_LOWAT", "NO_UVLOOP_ENV",
+__all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "LINK_NOTSENT_LOWAT", "NO_UVLOOP_ENV", "RATE_LIMIT_KEYS",
            "AcceptErrorFilter", "RateLimitedLogger", "limit_unsent", "run", "setup_logging"]
 
 #: Set to 1 to run on the stock asyncio loop even where uvloop is installed.
 NO_UVLOOP_ENV = "TUNNEL_NO_UVLOOP"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+#: Keys a RateLimitedLogger keeps apart (ports of one relay): bounds its memory.
+RATE_LIMIT_KEYS = 4096
 
 #: Running out of file descriptors on accept() is logged at most this often (seconds).
 ACCEPT_ERROR_LOG_INTERVAL = 10.0
@@ -48,10 +52,12 @@ def limit_unsent(sock: Any) -> None:
 
 
 class RateLimitedLogger:
-    """Logs a warning at most once per interval; counts what it swallowed meanwhile.
+    """Logs a warning at most once per interval and key; counts what it swallowed meanwhile.
 
     For floods (refused visitors, failed accepts): one line per interval says it is still
-    happening and how often, instead of a line per event.
+    happening and how often, instead of a line per event. Each key (a port, say) has its
+    own interval, so a flood on one port cannot hide that another one started refusing; at
+    most :data:`RATE_LIMIT_KEYS` keys are remembered, the longest unused forgotten first.
     """
 
     def __init__(self, logger: logging.Logger, interval: float, *,
@@ -61,17 +67,24 @@ class RateLimitedLogger:
         self._interval = interval
         self._clock = clock
         self._note = note
-        self._last: float | None = None
-        self._skipped = 0
+        # key -> [time of the last line, events swallowed since]
+        self._keys: OrderedDict[Hashable, list[float]] = OrderedDict()
 
-    def warning(self, message: str, *args: object) -> None:
+    def warning(self, message: str, *args: object, key: Hashable = None) -> None:
         now = self._clock()
-        if self._last is not None and now - self._last < self._interval:
-            self._skipped += 1
-            return
-        if self._skipped:
-            message += f" ({self._note.format(self._skipped)})"
-        self._last, self._skipped = now, 0
+        state = self._keys.get(key)
+        if state is not None:
+            self._keys.move_to_end(key)
+            if now - state[0] < self._interval:
+                state[1] += 1
+                return
+            if state[1]:
+                message += f" ({self._note.format(int(state[1]))})"
+            state[0], state[1] = now, 0
+        else:
+            self._keys[key] = [now, 0]
+            if len(self._keys) > RATE_LIMIT_KEYS:
+                self._keys.popitem(last=False)
         self._logger.warning(message, *args)
 
 

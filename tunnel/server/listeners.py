@@ -80,7 +80,7 @@ class VisitorSocket(StreamSocket):
         super().connection_made(transport)
 
     def _refuse(self, transport: asyncio.BaseTransport, why: str) -> None:
-        limited_log.warning("port %d: %s", self.tunnel.port, why)
+        limited_log.warning("port %d: %s", self.tunnel.port, why, key=self.tunnel.port)
         self.tunnel.streams_refused += 1
         self.closed = True
         self._release()

@@ -249,6 +249,13 @@ def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
+def _with_repo_root(pythonpath: str | None) -> str:
+    """``pythonpath`` with the repository root first: a program started in a temp dir
+    (the relay runs in its state dir) must still import ``tests.*`` wrappers."""
+    root = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join([root, *(p for p in (pythonpath or "").split(os.pathsep) if p)])
+
+
 async def start_proc(
     name: str,
     module: str,
@@ -262,6 +269,8 @@ async def start_proc(
     program so that the pid stays the program's. A ``gated`` program starts its interpreter
     and imports, prints ``gate: up`` and waits for :func:`release` before it runs."""
     launch = ["-c", GATE_CODE, module] if gated else ["-m", module]
+    if module.startswith("tests."):  # a test-tree wrapper (memprobe) from any cwd
+        env = {**(env or {}), "PYTHONPATH": _with_repo_root(os.environ.get("PYTHONPATH"))}
     process = await asyncio.create_subprocess_exec(
         *wrap,
         sys.executable,

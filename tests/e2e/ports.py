@@ -45,6 +45,7 @@ class PortPool:
         if not ports:
             raise RuntimeError("no port outside the ephemeral range to hand out")
         self._ports = list(ports)
+        self._allowed = frozenset(ports)
         (rng or random.Random()).shuffle(self._ports)
         self._next = 0
 
@@ -54,16 +55,16 @@ class PortPool:
         return port
 
     def take(self, n: int) -> list[int]:
-        """``n`` distinct ports, each bound (and released) together to prove it free."""
+        """``n`` distinct ports, each bound (and released) together to prove it free; one
+        walk round the pool at most, so no port is tried twice."""
         with contextlib.ExitStack() as stack:
             ports: list[int] = []
             for _ in range(len(self._ports)):
                 if len(ports) == n:
-                    return ports
+                    break
                 port = self._advance()
-                if port in ports or not _bind(stack, port):
-                    continue
-                ports.append(port)
+                if _bind(stack, port):
+                    ports.append(port)
             if len(ports) == n:
                 return ports
         raise RuntimeError(f"fewer than {n} free ports outside the ephemeral range")
@@ -71,11 +72,10 @@ class PortPool:
     def take_range(self, n: int) -> tuple[int, int]:
         """A contiguous run ``(lo, hi)`` of ``n`` free ports, all outside the ephemeral
         range (tried from up to one full walk of the pool's starting points)."""
-        allowed = set(self._ports)
         for _ in range(len(self._ports)):
             lo = self._advance()
             run = range(lo, lo + n)
-            if not all(p in allowed for p in run):
+            if not all(p in self._allowed for p in run):
                 continue
             with contextlib.ExitStack() as stack:
                 if all(_bind(stack, p) for p in run):

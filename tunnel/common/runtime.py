@@ -11,6 +11,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Hashable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 __all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "LINK_NOTSENT_LOWAT", "NO_UVLOOP_ENV", "RATE_LIMIT_KEYS",
@@ -51,6 +52,14 @@ def limit_unsent(sock: Any) -> None:
         log.debug("TCP_NOTSENT_LOWAT not set: %s", exc)
 
 
+@dataclass
+class _Quiet:
+    """One key's state: when its last line went out, and the events swallowed since."""
+
+    last: float
+    skipped: int = 0
+
+
 class RateLimitedLogger:
     """Logs a warning at most once per interval and key; counts what it swallowed meanwhile.
 
@@ -67,24 +76,23 @@ class RateLimitedLogger:
         self._interval = interval
         self._clock = clock
         self._note = note
-        # key -> [time of the last line, events swallowed since]
-        self._keys: OrderedDict[Hashable, list[float]] = OrderedDict()
+        self._keys: OrderedDict[Hashable, _Quiet] = OrderedDict()
 
     def warning(self, message: str, *args: object, key: Hashable = None) -> None:
         now = self._clock()
         state = self._keys.get(key)
-        if state is not None:
-            self._keys.move_to_end(key)
-            if now - state[0] < self._interval:
-                state[1] += 1
-                return
-            if state[1]:
-                message += f" ({self._note.format(int(state[1]))})"
-            state[0], state[1] = now, 0
-        else:
-            self._keys[key] = [now, 0]
+        if state is None:
+            self._keys[key] = _Quiet(now)
             if len(self._keys) > RATE_LIMIT_KEYS:
                 self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(key)
+            if now - state.last < self._interval:
+                state.skipped += 1
+                return
+            if state.skipped:
+                message += f" ({self._note.format(state.skipped)})"
+            state.last, state.skipped = now, 0
         self._logger.warning(message, *args)
 
 

@@ -23,6 +23,7 @@ from websockets.streams import StreamReader
 
 from tests.recording_transport import RecordingTransport
 from tunnel.common.errors import RemoteProtocolError
+from tunnel.common.sizeclass import size_class
 from tunnel.common.wsframing import (
     CLOSE_GOING_AWAY,
     CLOSE_INVALID_DATA,
@@ -217,7 +218,10 @@ async def test_a_large_payload_is_read_into_its_own_buffer() -> None:
     data = unmasked(Opcode.BINARY, payload)
     feed_buffered(framing, data, (1000,))
     message = await recv_now(framing)
-    assert isinstance(message, bytearray) and message == payload
+    assert isinstance(message, memoryview) and message == payload
+    # ... a buffer of the payload's size class, so freed buffers fit later ones (sizeclass)
+    assert isinstance(message.obj, bytearray) and len(message.obj) == size_class(200_000)
+    assert size_class(200_000) > 200_000
 
 
 async def test_scratch_buffer_is_small_before_the_login_and_grows_after() -> None:

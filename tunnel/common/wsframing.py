@@ -40,6 +40,7 @@ from websockets.protocol import OPEN, Side
 
 from .budget import LinkGroup
 from .errors import RemoteProtocolError
+from .sizeclass import size_class
 
 _MaskFn = Callable[[bytes | bytearray | memoryview, bytes], bytes]
 _c_apply_mask: _MaskFn | None
@@ -129,7 +130,7 @@ def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
     return (int.from_bytes(data, "little") ^ key).to_bytes(size, "little")
 
 
-def unmask_in_place(buf: bytearray, mask: bytes) -> None:
+def unmask_in_place(buf: bytearray | memoryview, mask: bytes) -> None:
     """Unmask a payload we read into a buffer of our own, ``UNMASK_STEP`` at a time.
 
     A relay receives every client frame masked; unmasking a 512 KiB message into a new copy
@@ -208,6 +209,7 @@ class WsFraming(asyncio.BufferedProtocol):
         self._pieces: list[bytes | bytearray | memoryview] = []
         self._scratch = bytearray()  # sized on first use by _scratch_buffer
         self._target: bytearray | None = None  # a large payload being read in place
+        self._owned = False  # the one piece is (a view of) _target: ours to unmask in place
         self._filled = 0
         self._msg_op: int | None = None  # opcode of a fragmented message in progress
         self._msg_parts: list[bytes | bytearray | memoryview] = []
@@ -292,11 +294,11 @@ class WsFraming(asyncio.BufferedProtocol):
         if self._target is None and need >= DIRECT_READ_MIN and not self._skip:
             pieces, self._pieces = self._pieces, []
             done = sum(len(p) for p in pieces)
-            self._target = bytearray(done + need)
+            self._target = bytearray(size_class(done + need))  # see sizeclass
             self._target[:done] = b"".join(pieces)
             self._filled = done
         if self._target is not None:
-            return memoryview(self._target)[self._filled:]
+            return memoryview(self._target)[self._filled:self._filled + need]
         return memoryview(self._scratch_buffer())
 
     def _scratch_buffer(self) -> bytearray:
@@ -321,7 +323,7 @@ class WsFraming(asyncio.BufferedProtocol):
             self._need -= nbytes
             if not self._need:
                 self._target = None
-                self._pieces = [target]
+                self._pieces, self._owned = [memoryview(target)[:self._filled]], True
                 self._complete()
         self._after_input()
 
@@ -467,7 +469,7 @@ class WsFraming(asyncio.BufferedProtocol):
             self._mask = None
         self._op, self._fin = first & 0x0F, bool(first & 0x80)
         self._need, self._skip = size, False
-        self._pieces = []
+        self._pieces, self._owned = [], False
         if self._failed:
             self._skip = self._op != OP_CLOSE or size > MAX_CONTROL_FRAME
             return offset
@@ -518,7 +520,7 @@ class WsFraming(asyncio.BufferedProtocol):
         else:
             payload = b"".join(pieces)
         if self._mask is not None:
-            if isinstance(payload, bytearray) and len(payload) > UNMASK_STEP:
+            if self._owned and isinstance(payload, memoryview) and len(payload) > UNMASK_STEP:
                 unmask_in_place(payload, self._mask)
             else:
                 payload = apply_mask(payload, self._mask)

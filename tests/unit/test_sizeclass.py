@@ -1,0 +1,53 @@
+"""Size classes of the data path's large buffers (tunnel/common/sizeclass.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tunnel.common.frames import MAX_DATA_PAYLOAD
+from tunnel.common.sizeclass import CLASSED_MIN, CLASSES_PER_DOUBLING, classed_copy, size_class
+
+
+def test_small_sizes_are_kept_exactly() -> None:
+    for size in (0, 1, 100, 4096, CLASSED_MIN - 1):
+        assert size_class(size) == size
+
+
+@pytest.mark.parametrize("size", [CLASSED_MIN, 16 * 1024 + 1, 70_000, MAX_DATA_PAYLOAD,
+                                  MAX_DATA_PAYLOAD + 14, 200_000, 256 * 1024, 10**6])
+def test_a_class_holds_the_size_and_wastes_under_a_quarter(size: int) -> None:
+    capacity = size_class(size)
+    assert size <= capacity < size * 5 // 4 + 1
+    assert size_class(capacity) == capacity  # a class is its own class
+
+
+def test_each_doubling_has_four_classes() -> None:
+    """Few distinct sizes is the point: a freed block fits the next one of its class."""
+    for low in (CLASSED_MIN, 64 * 1024, 1 << 20):
+        classes = {size_class(size) for size in range(low + 1, 2 * low + 1, 97)}
+        assert len(classes) == CLASSES_PER_DOUBLING
+        assert max(classes) == 2 * low
+
+
+def test_a_frame_sized_read_is_its_own_class() -> None:
+    """A full stream read (one frame) needs no rounding at all."""
+    assert size_class(MAX_DATA_PAYLOAD) == MAX_DATA_PAYLOAD
+
+
+def test_classed_copy_survives_the_source_being_reused() -> None:
+    for size in (10, CLASSED_MIN + 5, 100_000):
+        source = bytearray(os.urandom(size))
+        copy = classed_copy(memoryview(source))
+        expected = bytes(source)
+        source[:] = bytes(size)
+        assert bytes(copy) == expected and len(copy) == size
+
+
+def test_classed_copy_is_plain_bytes_when_small_and_a_class_block_when_large() -> None:
+    small = classed_copy(memoryview(b"x" * 100))
+    assert isinstance(small, bytes)
+    large = classed_copy(memoryview(b"y" * 100_000))
+    assert isinstance(large, memoryview) and isinstance(large.obj, bytearray)
+    assert len(large.obj) == size_class(100_000) > 100_000

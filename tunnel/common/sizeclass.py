@@ -1,0 +1,46 @@
+"""Size classes for the large, short-lived buffers of the data path.
+
+Every forwarded read is copied out of the shared read buffer, and every large link message
+is read into a buffer of its own. Sized exactly, those blocks take any size from a few KiB to
+a frame and more, and glibc's heap fragments under them: a freed 100 KiB hole cannot hold
+the next 120 KiB block, so the heap grows, and a long-lived allocation landing above the
+holes keeps it from shrinking. The nightly soak (reliability L-5) measured this as RSS
+creeping up by 1.5-3 MiB/h on the uvloop TLS client, against a bound of 2.
+
+Rounding each such block up to one of four classes per doubling (as jemalloc does) keeps
+the set of sizes small, so a block freed is the right size for a later one; the waste is
+under 25 % of a block, and only while the block is in flight. Small blocks are copied
+exactly: their holes are small and the rounding would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CLASSED_MIN", "CLASSES_PER_DOUBLING", "classed_copy", "size_class"]
+
+#: Blocks below this many bytes keep their exact size.
+CLASSED_MIN = 16 * 1024
+#: Sizes per power of two: 4 bounds the rounding waste at 25 % (jemalloc's spacing).
+CLASSES_PER_DOUBLING = 4
+
+
+def size_class(size: int) -> int:
+    """The size a block of ``size`` bytes is allocated at (``size`` itself when small)."""
+    if size < CLASSED_MIN:
+        return size
+    step = 1 << ((size - 1).bit_length() - CLASSES_PER_DOUBLING.bit_length())
+    return -(-size // step) * step
+
+
+def classed_copy(data: memoryview) -> bytes | memoryview:
+    """A copy of ``data`` that stays valid after ``data``'s buffer is reused.
+
+    Large copies live in a block of their size class and come back as a view of its first
+    ``len(data)`` bytes; small ones are plain ``bytes``.
+    """
+    size = len(data)
+    capacity = size_class(size)
+    if capacity == size:
+        return bytes(data)
+    block = bytearray(capacity)
+    block[:size] = data
+    return memoryview(block)[:size]

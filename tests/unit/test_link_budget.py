@@ -14,7 +14,6 @@ from typing import Any, cast
 from tests.recording_transport import RecordingTransport
 from tests.unit.test_link_fairness import _drain_to_low_water, _socket
 from tunnel.common.budget import LinkGroup
-from tunnel.common.frames import MAX_DATA_PAYLOAD
 from tunnel.common.link import STREAM_READ_LIMIT, STREAM_READ_SQUEEZED, Link, StreamSocket
 from tunnel.common.mux import INITIAL_WINDOW, Mux, Role
 from tunnel.common.wsframing import WsFraming, encode_frame
@@ -161,9 +160,3 @@ def test_a_buffered_read_reaches_the_stream_as_the_bytes_read() -> None:
     sock.buffer_updated(5)
     assert got == [b"hello"] and isinstance(got[0], bytes)
 
-
-def test_a_stream_read_is_at_most_one_frame() -> None:
-    """A read's copy is never larger than a frame, so it takes one of few sizes (sizeclass:
-    exact-sized copies of up to 256 KiB fragmented glibc's heap in the L-5 soak)."""
-    assert STREAM_READ_LIMIT == MAX_DATA_PAYLOAD
-    assert len(StreamSocket().get_buffer(-1)) == MAX_DATA_PAYLOAD

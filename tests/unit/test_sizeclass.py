@@ -6,8 +6,15 @@ import os
 
 import pytest
 
-from tunnel.common.frames import MAX_DATA_PAYLOAD
-from tunnel.common.sizeclass import CLASSED_MIN, CLASSES_PER_DOUBLING, classed_copy, size_class
+from tunnel.common.frames import MAX_DATA_PAYLOAD, SEND_MESSAGE_SIZE
+from tunnel.common.readbuffer import READ_SIZE
+from tunnel.common.sizeclass import (
+    CLASS_HEADROOM,
+    CLASSED_MIN,
+    CLASSES_PER_DOUBLING,
+    classed_copy,
+    size_class,
+)
 
 
 def test_small_sizes_are_kept_exactly() -> None:
@@ -26,14 +33,18 @@ def test_a_class_holds_the_size_and_wastes_under_a_quarter(size: int) -> None:
 def test_each_doubling_has_four_classes() -> None:
     """Few distinct sizes is the point: a freed block fits the next one of its class."""
     for low in (CLASSED_MIN, 64 * 1024, 1 << 20):
-        classes = {size_class(size) for size in range(low + 1, 2 * low + 1, 97)}
+        sizes = range(low + CLASS_HEADROOM + 1, 2 * low + CLASS_HEADROOM + 1, 97)
+        classes = {size_class(size) for size in sizes}
         assert len(classes) == CLASSES_PER_DOUBLING
-        assert max(classes) == 2 * low
+        assert max(classes) == 2 * low + CLASS_HEADROOM
 
 
-def test_a_frame_sized_read_is_its_own_class() -> None:
-    """A full stream read (one frame) needs no rounding at all."""
-    assert size_class(MAX_DATA_PAYLOAD) == MAX_DATA_PAYLOAD
+def test_the_commonest_blocks_waste_only_the_headroom() -> None:
+    """A message with one full DATA frame, and a full stream read, are the blocks the data
+    path makes most: each fits a class whose round size is its own, not the next one up."""
+    assert size_class(SEND_MESSAGE_SIZE) == MAX_DATA_PAYLOAD + CLASS_HEADROOM
+    assert size_class(SEND_MESSAGE_SIZE + 64) == MAX_DATA_PAYLOAD + CLASS_HEADROOM
+    assert size_class(READ_SIZE) == READ_SIZE + CLASS_HEADROOM
 
 
 def test_classed_copy_survives_the_source_being_reused() -> None:

@@ -11,24 +11,32 @@ Rounding each such block up to one of four classes per doubling (as jemalloc doe
 the set of sizes small, so a block freed is the right size for a later one; the waste is
 under 25 % of a block, and only while the block is in flight. Small blocks are copied
 exactly: their holes are small and the rounding would cost more than it saves.
+
+Each class has ``CLASS_HEADROOM`` bytes on top of its round size: the commonest large block
+is a link message with one full 128 KiB DATA frame plus a few frame headers, and rounding
+that up to the next class would waste a fifth of every such message.
 """
 
 from __future__ import annotations
 
-__all__ = ["CLASSED_MIN", "CLASSES_PER_DOUBLING", "classed_copy", "size_class"]
+__all__ = ["CLASSED_MIN", "CLASSES_PER_DOUBLING", "CLASS_HEADROOM", "classed_copy",
+           "size_class"]
 
 #: Blocks below this many bytes keep their exact size.
 CLASSED_MIN = 16 * 1024
 #: Sizes per power of two: 4 bounds the rounding waste at 25 % (jemalloc's spacing).
 CLASSES_PER_DOUBLING = 4
+#: Bytes of frame headers a class holds beyond its round size.
+CLASS_HEADROOM = 256
 
 
 def size_class(size: int) -> int:
     """The size a block of ``size`` bytes is allocated at (``size`` itself when small)."""
     if size < CLASSED_MIN:
         return size
-    step = 1 << ((size - 1).bit_length() - CLASSES_PER_DOUBLING.bit_length())
-    return -(-size // step) * step
+    body = size - CLASS_HEADROOM
+    step = 1 << ((body - 1).bit_length() - CLASSES_PER_DOUBLING.bit_length())
+    return -(-body // step) * step + CLASS_HEADROOM
 
 
 def classed_copy(data: memoryview) -> bytes | memoryview:

@@ -159,4 +159,3 @@ def test_a_buffered_read_reaches_the_stream_as_the_bytes_read() -> None:
     buf[:5] = b"hello"
     sock.buffer_updated(5)
     assert got == [b"hello"] and isinstance(got[0], bytes)
-

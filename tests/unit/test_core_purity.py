@@ -16,7 +16,7 @@ import tunnel
 PACKAGE = Path(tunnel.__file__).resolve().parent
 CORE = ["frames", "mux", "ratelimit", "messages", "auth", "secret", "portset", "errors",
         "config", "yamlsafe", "configbase", "config_dashboard", "credentials", "fingerprint",
-        "telemetry_schema", "keypath", "budget"]
+        "telemetry_schema", "keypath", "budget", "sizeclass"]
 CORE_FILES = [PACKAGE / "common" / f"{name}.py" for name in CORE]
 
 #: Event loops, sockets, clocks, threads, processes and network stacks.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,10 +19,12 @@ from tunnel.common.frames import (
     Flag,
     Frame,
     FrameType,
+    data_frame,
     decode_frames,
     encode_data,
     encode_frame,
 )
+from tunnel.common.sizeclass import size_class
 
 
 def h(text: str) -> bytes:
@@ -109,6 +113,18 @@ def test_encode_data_golden() -> None:
     assert encode_data(3, b"", fin=True) == h("01 00 0001 00000003 00000000")
     assert encode_data(9, bytearray(b"ab"), fin=True) == h("01 00 0001 00000009 00000002 6162")
     assert encode_data(9, memoryview(b"ab")) == h("01 00 0000 00000009 00000002 6162")
+
+
+def test_data_frame_copies_a_large_payload_into_a_size_class_block() -> None:
+    """Stream sockets pass a view of the shared read buffer, reused at the next read: the
+    frame must be a copy, and (staying queued a while) in a block of its size class."""
+    source = bytearray(os.urandom(100_000))
+    frame = data_frame(5, memoryview(source))
+    expected = h("01 00 0000 00000005 000186a0") + bytes(source)
+    source[:] = bytes(len(source))
+    assert bytes(frame) == expected
+    assert isinstance(frame, memoryview) and isinstance(frame.obj, bytearray)
+    assert len(frame.obj) == size_class(len(expected))
 
 
 def test_encode_ignores_value_of_payload_types_and_payload_of_value_types() -> None:

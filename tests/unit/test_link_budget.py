@@ -8,12 +8,15 @@ again by its own rule only, so a slow link never keeps the others paused.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from typing import Any, cast
 
 from tests.recording_transport import RecordingTransport
-from tests.unit.test_link_fairness import _drain_to_low_water, _socket
+from tests.unit.test_link_fairness import _drain_to_low_water, _link, _socket
 from tunnel.common.budget import LinkGroup
+from tunnel.common.frames import Frame, FrameType, decode_frames
+from tunnel.common.frames import encode_frame as encode_mux_frame
 from tunnel.common.link import STREAM_READ_LIMIT, STREAM_READ_SQUEEZED, Link, StreamSocket
 from tunnel.common.mux import INITIAL_WINDOW, Mux, Role
 from tunnel.common.wsframing import WsFraming, encode_frame
@@ -151,11 +154,26 @@ def test_the_preauth_class_keeps_the_budget_predicate_unbound() -> None:
     assert not squeezed()
 
 
-def test_a_buffered_read_reaches_the_stream_as_the_bytes_read() -> None:
-    sock = StreamSocket()
-    got: list[bytes] = []
-    sock.data_received = got.append  # type: ignore[method-assign,assignment]
-    buf = sock.get_buffer(-1)
-    buf[:5] = b"hello"
-    sock.buffer_updated(5)
-    assert got == [b"hello"] and isinstance(got[0], bytes)
+def test_a_buffered_read_is_copied_before_the_read_buffer_is_reused() -> None:
+    """A stream socket is given a view of the thread's shared read buffer, which the next
+    read anywhere overwrites: the DATA frames it queues, and the backlog it keeps past the
+    send window, must be copies of the bytes read, not views."""
+    link = _link()
+    sock, _ = _socket(link, 1)
+    sent = os.urandom(INITIAL_WINDOW + 100_000)  # past the window: the rest waits
+    pos = 0
+    while pos < len(sent):
+        buf = sock.get_buffer(-1)
+        size = min(len(buf), len(sent) - pos)
+        buf[:size] = sent[pos:pos + size]
+        sock.buffer_updated(size)
+        buf[:size] = bytes(size)  # the next read, by any socket of this thread
+        pos += size
+    assert link.mux.send_window(1) == 0
+    link.mux.receive(encode_mux_frame(Frame(FrameType.WINDOW_UPDATE, 1, value=INITIAL_WINDOW)))
+    sock.window_opened()  # the backlog goes out now
+    got = bytearray()
+    while (message := link.mux.next_message()) is not None:
+        got += b"".join(bytes(f.payload) for f in decode_frames(message)
+                        if f.type is FrameType.DATA)
+    assert got == sent

@@ -87,7 +87,7 @@ class MuxPair:
         if message is None:
             return None
         assert 0 < len(message) <= MAX_MESSAGE_SIZE
-        self.sent[sender.role].append(message)
+        self.sent[sender.role].append(bytes(message))
         return self.peer(sender).receive(message)
 
     def deliver(self, sender: Mux) -> list[Event]:
@@ -129,7 +129,7 @@ def plain(events: list[Event]) -> list[Event]:
             for e in events]
 
 
-def frames_of(message: bytes | None) -> list[tuple[FrameType, int, Flag, bytes, int]]:
+def frames_of(message: bytes | memoryview | None) -> list[tuple[FrameType, int, Flag, bytes, int]]:
     assert message is not None
     return [(f.type, f.stream_id, f.flags, bytes(f.payload), f.value)
             for f in decode_frames(message)]
@@ -143,7 +143,7 @@ def take(mux: Mux) -> bytes:
     """The next message, which must exist."""
     message = mux.next_message()
     assert message is not None
-    return message
+    return bytes(message)
 
 
 def pattern(size: int, seed: int = 0) -> bytes:

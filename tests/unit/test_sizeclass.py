@@ -12,7 +12,7 @@ from tunnel.common.sizeclass import (
     CLASS_HEADROOM,
     CLASSED_MIN,
     CLASSES_PER_DOUBLING,
-    classed_copy,
+    classed_join,
     size_class,
 )
 
@@ -47,18 +47,19 @@ def test_the_commonest_blocks_waste_only_the_headroom() -> None:
     assert size_class(READ_SIZE) == READ_SIZE + CLASS_HEADROOM
 
 
-def test_classed_copy_survives_the_source_being_reused() -> None:
+def test_classed_join_survives_the_sources_being_reused() -> None:
     for size in (10, CLASSED_MIN + 5, 100_000):
         source = bytearray(os.urandom(size))
-        copy = classed_copy(memoryview(source))
-        expected = bytes(source)
+        joined = classed_join((b"head", memoryview(source)))
+        expected = b"head" + bytes(source)
         source[:] = bytes(size)
-        assert bytes(copy) == expected and len(copy) == size
+        assert bytes(joined) == expected and len(joined) == size + 4
 
 
-def test_classed_copy_is_plain_bytes_when_small_and_a_class_block_when_large() -> None:
-    small = classed_copy(memoryview(b"x" * 100))
-    assert isinstance(small, bytes)
-    large = classed_copy(memoryview(b"y" * 100_000))
+def test_classed_join_is_plain_bytes_when_small_and_a_class_block_when_large() -> None:
+    small = classed_join((b"x" * 100, b"y"))
+    assert isinstance(small, bytes) and small == b"x" * 100 + b"y"
+    large = classed_join((b"y" * 60_000, memoryview(b"z" * 40_000)))
     assert isinstance(large, memoryview) and isinstance(large.obj, bytearray)
     assert len(large.obj) == size_class(100_000) > 100_000
+    assert bytes(large) == b"y" * 60_000 + b"z" * 40_000

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import FrameError
+from .sizeclass import classed_join
 
 __all__ = [
     "HEADER",
@@ -35,6 +36,7 @@ __all__ = [
     "Flag",
     "Frame",
     "FrameType",
+    "data_frame",
     "decode_frames",
     "encode_data",
     "encode_frame",
@@ -138,10 +140,21 @@ def encode_frame(frame: Frame) -> bytes:
 
 
 def encode_data(stream_id: int, data: bytes | bytearray | memoryview, fin: bool = False) -> bytes:
-    """Hot-path DATA encoder: the caller guarantees ``0 < stream_id`` and the payload cap."""
+    """A DATA frame as plain ``bytes`` (tests and tools; the send path uses :func:`data_frame`)."""
+    return bytes(data_frame(stream_id, data, fin))
+
+
+def data_frame(stream_id: int, data: bytes | bytearray | memoryview,
+               fin: bool = False) -> bytes | memoryview:
+    """Hot-path DATA encoder: the caller guarantees ``0 < stream_id`` and the payload cap.
+
+    The frame is a copy (the caller may reuse ``data`` at once: stream sockets pass a view
+    of the shared read buffer), large ones in a block of their size class, since a frame
+    stays queued for a while (see sizeclass).
+    """
     header = HEADER.pack(PROTOCOL_VERSION, FrameType.DATA, Flag.FIN if fin else 0, stream_id,
                          len(data))
-    return header + data if data else header
+    return classed_join((header, data)) if data else header
 
 
 def decode_frames(message: bytes | bytearray | memoryview) -> list[Frame]:

@@ -46,7 +46,6 @@ from .mux import (
     WindowOpened,
 )
 from .readbuffer import READ_SIZE, read_buffer
-from .sizeclass import classed_copy
 from .wsframing import WsFraming
 
 __all__ = [
@@ -179,7 +178,9 @@ class StreamSocket(asyncio.BufferedProtocol):
         return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(classed_copy(read_buffer()[:nbytes]))
+        # No copy here: data_received keeps nothing it is given (DATA frames and the
+        # backlog are copies), so the shared read buffer is free again when it returns.
+        self.data_received(read_buffer()[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         link = self.link

@@ -46,11 +46,12 @@ from .frames import (
     Flag,
     Frame,
     FrameType,
-    encode_data,
+    data_frame,
     encode_frame,
     iter_frames,
 )
 from .ratelimit import TokenBucket
+from .sizeclass import classed_join
 
 __all__ = [
     "DEFAULT_MAX_STREAMS",
@@ -235,7 +236,7 @@ class Mux:
     _urgent: list[bytes] = field(default_factory=list)
     _urgent_size: int = 0
     #: DATA frames by stream id, in sending order.
-    _data: deque[tuple[int, bytes]] = field(default_factory=deque)
+    _data: deque[tuple[int, bytes | memoryview]] = field(default_factory=deque)
     #: Streams reset while frames of theirs were queued: those are skipped when taken.
     #: Ids are never reused, so the set empties whenever the queue does.
     _dropped: set[int] = field(default_factory=set)
@@ -259,12 +260,13 @@ class Mux:
 
     # ------------------------------------------------------------------ outputs
 
-    def next_message(self) -> bytes | None:
+    def next_message(self) -> bytes | memoryview | None:
         """The next link message to send, or None when nothing is queued.
 
         Control frames (window updates, pings, resets, opens, control messages) go first, so
         a link full of bulk data never starves heartbeats or credit; DATA frames keep their
-        order and several share one message up to ``SEND_MESSAGE_SIZE``.
+        order and several share one message up to ``SEND_MESSAGE_SIZE`` (joined in a block
+        of its size class: see sizeclass).
         """
         urgent = self._urgent
         if urgent:
@@ -274,18 +276,18 @@ class Mux:
                 count += 1
             batch, self._urgent = urgent[:count], urgent[count:]
             self._urgent_size -= size
-            return batch[0] if count == 1 else b"".join(batch)
+            return batch[0] if count == 1 else classed_join(batch)
         if self._peek_data() is None:
             return None
-        batch = [self._pop_data()]
-        size = len(batch[0])
+        data_batch: list[bytes | memoryview] = [self._pop_data()]
+        size = len(data_batch[0])
         while (following := self._peek_data()) is not None and \
                 size + len(following) <= SEND_MESSAGE_SIZE:
-            batch.append(self._pop_data())
+            data_batch.append(self._pop_data())
             size += len(following)
-        return batch[0] if len(batch) == 1 else b"".join(batch)
+        return data_batch[0] if len(data_batch) == 1 else classed_join(data_batch)
 
-    def _peek_data(self) -> bytes | None:
+    def _peek_data(self) -> bytes | memoryview | None:
         """The next queued DATA frame still wanted, past those of streams reset meanwhile."""
         data, dropped = self._data, self._dropped
         while data:
@@ -296,7 +298,7 @@ class Mux:
         dropped.clear()
         return None
 
-    def _pop_data(self) -> bytes:
+    def _pop_data(self) -> bytes | memoryview:
         """Take the frame :meth:`_peek_data` returned."""
         stream_id, frame = self._data.popleft()
         size = len(frame)
@@ -317,7 +319,8 @@ class Mux:
         self._urgent.append(frame)
         self._urgent_size += len(frame)
 
-    def _queue_data(self, stream_id: int, stream: _Stream, frame: bytes) -> None:
+    def _queue_data(self, stream_id: int, stream: _Stream,
+                    frame: bytes | memoryview) -> None:
         self._data.append((stream_id, frame))
         self.pending_data_bytes += len(frame)
         stream.queued += len(frame)
@@ -374,7 +377,7 @@ class Mux:
         if size == 0:
             return
         stream.send_window -= size
-        self._queue_data(stream_id, stream, encode_data(stream_id, data))
+        self._queue_data(stream_id, stream, data_frame(stream_id, data))
 
     def send_eof(self, stream_id: int) -> None:
         """Half-close our direction (FIN); the stream is freed once both sides ended."""
@@ -382,7 +385,7 @@ class Mux:
         if stream is None or stream.local_ended:
             return
         stream.local_ended = True
-        self._queue_data(stream_id, stream, encode_data(stream_id, b"", fin=True))
+        self._queue_data(stream_id, stream, data_frame(stream_id, b"", fin=True))
         self._maybe_free(stream_id, stream)
 
     def reset(self, stream_id: int, code: ResetCode = ResetCode.ABORTED) -> None:

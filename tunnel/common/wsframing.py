@@ -520,8 +520,8 @@ class WsFraming(asyncio.BufferedProtocol):
         else:
             payload = b"".join(pieces)
         if self._mask is not None:
-            if self._owned and isinstance(payload, memoryview) and len(payload) > UNMASK_STEP:
-                unmask_in_place(payload, self._mask)
+            if self._owned and isinstance(payload, memoryview):
+                unmask_in_place(payload, self._mask)  # keeps its size-class block
             else:
                 payload = apply_mask(payload, self._mask)
         op = self._op

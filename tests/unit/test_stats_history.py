@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import tracemalloc
 from pathlib import Path
 
 from tunnel.server.history import RETENTION, HistoryStore, flush_interval
-from tunnel.server.stats import RateTracker
+from tunnel.server.stats import SERIES_POINTS, RateTracker
 
 
 class Clock:
@@ -29,6 +31,33 @@ def test_rate_is_growth_per_second_and_series_is_bounded() -> None:
     series = tracker.series(key)
     assert len(series) == 3  # bounded
     assert [round(p[0] - series[0][0]) for p in series] == [0, 5, 10]
+
+
+def test_a_series_takes_its_whole_memory_at_its_first_point() -> None:
+    """A relay's memory must not creep up for the first hour while series fill (the soak,
+    reliability L-5, reads that as a leak): later points reuse the ring's slots."""
+    clock = Clock()
+    tracker = RateTracker(clock)
+    keys = [("tunnel", port) for port in range(6000, 6010)]
+    for step in range(2):
+        clock.now += 5
+        for key in keys:
+            tracker.sample(key, step, step)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for step in range(2, 2 + SERIES_POINTS + 100):  # wraps around each ring
+            clock.now += 5
+            for key in keys:
+                tracker.sample(key, step * 1000, step)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 4096, f"{grown} bytes more after {SERIES_POINTS + 100} points per key"
+    series = tracker.series(keys[0])
+    assert len(series) == SERIES_POINTS
+    assert series[-1][0] == clock.now and series[-1][1] == 200.0  # 1000 bytes per 5 s
+    assert [b[0] - a[0] for a, b in itertools.pairwise(series)] == [5.0] * (SERIES_POINTS - 1)
 
 
 def test_counter_reset_does_not_give_negative_rates() -> None:

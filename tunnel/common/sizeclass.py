@@ -3,10 +3,10 @@
 Every forwarded read is copied out of the shared read buffer into a DATA frame, frames are
 joined into link messages, and every large link message is read into a buffer of its own.
 Sized exactly, those blocks take any size from a few KiB to a frame and more, and glibc's
-heap fragments under them: a freed 100 KiB hole cannot hold
-the next 120 KiB block, so the heap grows, and a long-lived allocation landing above the
-holes keeps it from shrinking. The nightly soak (reliability L-5) measured this as RSS
-creeping up by 1.5-3 MiB/h on the uvloop TLS client, against a bound of 2.
+heap fragments under them: a freed 100 KiB hole cannot hold the next 120 KiB block, so the
+heap grows, and a long-lived allocation landing above the holes keeps it from shrinking.
+The nightly soak (reliability L-5) measured this as RSS creeping up by 1.5-3 MiB/h on the
+uvloop TLS client, against a bound of 2.
 
 Rounding each such block up to one of four classes per doubling (as jemalloc does) keeps
 the set of sizes small, so a block freed is the right size for a later one; the waste is

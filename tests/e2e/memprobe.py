@@ -12,6 +12,10 @@ grew most since the first sample. The harness runs it in place of the client wit
     TUNNEL_E2E_CLIENT_MODULE=tests.e2e.memprobe MEMPROBE_OUT=/tmp/probe/client \\
         pytest -m soak tests/e2e/test_cat_load.py -k "L5 and uvloop-tls"
 
+and in place of the relay with ``TUNNEL_E2E_SERVER_MODULE=tests.e2e.memprobe_relay``, which
+runs the relay's module and writes ``MEMPROBE_OUT.relay.<pid>.jsonl``, so both programs can
+be probed in one run with one ``MEMPROBE_OUT``.
+
 (``MEMPROBE_*`` reach the child: the harness strips only ``TUNNEL_*``.) The program still
 runs as ``__main__`` in this process, so its pid and signals are the program's own.
 """
@@ -111,15 +115,15 @@ def _record(path: str, every: float, frames: int) -> None:
             first = tracemalloc.take_snapshot()  # after start-up and the first traffic
 
 
-def main() -> None:
+def main(default_module: str = DEFAULT_MODULE, role: str = "") -> None:
     out = os.environ.get("MEMPROBE_OUT", "")
     if out:
-        path = f"{out}.{os.getpid()}.jsonl"
+        path = f"{out}{'.' + role if role else ''}.{os.getpid()}.jsonl"
         every = float(os.environ.get("MEMPROBE_EVERY", DEFAULT_EVERY))
         frames = int(os.environ.get("MEMPROBE_TRACEMALLOC", "0"))
         threading.Thread(target=_record, args=(path, every, frames), daemon=True,
                          name="memprobe").start()
-    module = os.environ.get("MEMPROBE_MODULE", DEFAULT_MODULE)
+    module = os.environ.get("MEMPROBE_MODULE", default_module)
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "StreamSocket",
     "Traffic",
     "abort_with_reset",
+    "reset_on_close",
 ]
 
 #: Queued DATA bytes on a link above which every stream pauses reading its socket.
@@ -100,12 +101,17 @@ class Traffic:
     streams_open: int = 0
 
 
+def reset_on_close(sock: socket.socket) -> None:
+    """Make closing ``sock`` send RST, so the far end sees an abort, never a clean EOF."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
 def abort_with_reset(transport: asyncio.BaseTransport) -> None:
-    """Close a TCP transport with RST, so the far end sees an abort, never a clean EOF."""
+    """Close a TCP transport with RST (see :func:`reset_on_close`)."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        reset_on_close(sock)
     cast(asyncio.Transport, transport).abort()
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 __all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "LINK_NOTSENT_LOWAT", "NO_UVLOOP_ENV", "RATE_LIMIT_KEYS",
-           "AcceptErrorFilter", "RateLimitedLogger", "limit_unsent", "run", "setup_logging"]
+           "RESOURCE_ERRNOS", "AcceptErrorFilter", "RateLimitedLogger", "limit_unsent", "run",
+           "setup_logging"]
 
 #: Set to 1 to run on the stock asyncio loop even where uvloop is installed.
 NO_UVLOOP_ENV = "TUNNEL_NO_UVLOOP"
@@ -26,7 +27,8 @@ RATE_LIMIT_KEYS = 4096
 
 #: Running out of file descriptors on accept() is logged at most this often (seconds).
 ACCEPT_ERROR_LOG_INTERVAL = 10.0
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors that mean "out of descriptors or memory": pause, warn once, retry.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 #: Bytes of not-yet-sent data the kernel may hold for a link socket (TCP_NOTSENT_LOWAT).
 #: Without it Linux grows a send buffer to several MiB, and on a slow or saturated path a
@@ -113,7 +115,7 @@ class AcceptErrorFilter:
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if not (isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS
+        if not (isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
                 and "accept" in str(context.get("message", ""))):
             loop.default_exception_handler(context)
             return

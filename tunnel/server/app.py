@@ -30,6 +30,7 @@ from ..common.tls import (
     ensure_self_signed,
     server_ssl_context,
 )
+from .acceptor import Acceptor
 from .control import HANDSHAKE_TIMEOUT, ControlHandler
 from .dashboard import Alerts, Dashboard, start_alerts, start_dashboard
 from .guard import (
@@ -82,7 +83,7 @@ class Relay:
         self.open_rate = OpenRate(per_source=config.opens_per_source,
                                   per_port=config.opens_per_port)
         self.penalties = Penalties()
-        self.servers: dict[int, asyncio.Server] = {}
+        self.servers: dict[int, Acceptor] = {}
         self.background: set[asyncio.Task[None]] = set()
         self.control = ControlHandler(self)
         self._ws_server: Server | None = None

@@ -14,12 +14,13 @@ import socket
 import time
 
 from ..common.errors import LocalProtocolError
-from ..common.link import StreamSocket, abort_with_reset
+from ..common.link import StreamSocket, abort_with_reset, reset_on_close
 from ..common.runtime import RateLimitedLogger
+from .acceptor import Acceptor, bind_listening
 from .guard import OpenRate, SourceSlots
 from .registry import TunnelRecord
 
-__all__ = ["LISTEN_BACKLOG", "VisitorSocket", "bind_public_port", "port_is_free"]
+__all__ = ["LISTEN_BACKLOG", "VisitorGate", "VisitorSocket", "bind_public_port", "port_is_free"]
 
 LISTEN_BACKLOG = 512
 #: A flood of refused visitors is logged at most this often (seconds).
@@ -31,80 +32,126 @@ limited_log = RateLimitedLogger(log, REFUSAL_LOG_INTERVAL)
 
 
 class VisitorSocket(StreamSocket):
-    """A visitor's connection: opens a stream on the owner's live link when it arrives."""
+    """A visitor's connection, admitted by :class:`VisitorGate`: opens a stream on the
+    owner's live link once it is a transport."""
 
-    def __init__(self, tunnel: TunnelRecord, slots: SourceSlots,
-                 rate: OpenRate | None = None) -> None:
+    def __init__(self, tunnel: TunnelRecord, slots: SourceSlots, source: str,
+                 peer: str) -> None:
         super().__init__(traffic=tunnel.traffic)
         self.tunnel = tunnel
         self.slots = slots
-        self.rate = rate
-        self.peer = "?"
-        self.source: str | None = None  # set while this visitor holds a per-source slot
+        self.peer = peer
+        self.source: str | None = source  # set while this visitor holds a per-source slot
         self.opened = time.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         link = self.tunnel.link
         if link is None:
-            self.closed = True  # owner offline: refuse at once
+            self.closed = True  # the owner went offline since the accept: refuse at once
+            self.release_slot()
             abort_with_reset(transport)
             return
-        peer = transport.get_extra_info("peername")
-        if not isinstance(peer, tuple):
-            # No address: the visitor reset the connection while it sat in the accept queue
-            # (Rapid Reset, B-6). Opening a stream for it would only make the client dial.
-            self._refuse(transport, "visitor refused: reset before it was accepted")
-            return
-        address = f"{peer[0]}:{peer[1]}"
-        self.peer = address
-        source = str(peer[0])
-        if self.rate is not None and not self.rate.allow(self.tunnel.port, source):
-            # Checked before a stream exists: a refused open costs the owner's link nothing.
-            refused = self.rate.refused.get(self.tunnel.port, 0)
-            self._refuse(transport, f"visitor {address} refused: opening connections too "
-                                    f"fast ({refused} refused on this port so far)")
-            return
-        if not self.slots.acquire(source):
-            self._refuse(transport, f"visitor {address} refused: too many connections from "
-                                    f"{source}")
-            return
-        self.source = source
         try:
-            stream_id = link.mux.open_stream(self.tunnel.tunnel_id, address)
+            stream_id = link.mux.open_stream(self.tunnel.tunnel_id, self.peer)
         except LocalProtocolError as exc:
-            self._refuse(transport, f"visitor {address} refused: {exc}")
+            self.closed = True
+            self.release_slot()
+            refuse(self.tunnel, f"visitor {self.peer} refused: {exc}")
+            abort_with_reset(transport)
             return
         self.attach(link, stream_id)
         self.tunnel.connections.add(self)
         link.kick()
         super().connection_made(transport)
 
-    def _refuse(self, transport: asyncio.BaseTransport, why: str) -> None:
-        limited_log.warning("port %d: %s", self.tunnel.port, why, key=self.tunnel.port)
-        self.tunnel.streams_refused += 1
-        self.closed = True
-        self._release()
-        abort_with_reset(transport)
-
-    def _release(self) -> None:
+    def release_slot(self) -> None:
         if self.source is not None:
             self.slots.release(self.source)
             self.source = None
 
     def detached(self) -> None:
         self.tunnel.connections.discard(self)
-        self._release()
+        self.release_slot()
+
+
+def refuse(tunnel: TunnelRecord, why: str) -> None:
+    """Count a refused visitor and say why (one line per port and interval)."""
+    limited_log.warning("port %d: %s", tunnel.port, why, key=tunnel.port)
+    tunnel.streams_refused += 1
+
+
+def reset_socket(conn: socket.socket) -> None:
+    """Close an accepted socket with RST: the visitor sees a refusal, not a clean EOF."""
+    reset_on_close(conn)
+    conn.close()
+
+
+class VisitorGate:
+    """Judges each connection accepted on one public port by its peer address alone.
+
+    Refused ones (owner offline, reset while queued, over the open rate, over the per-source
+    cap) are closed with RST before they cost a transport; admitted ones become a
+    :class:`VisitorSocket` holding a per-source slot.
+    """
+
+    def __init__(self, tunnel: TunnelRecord, slots: SourceSlots,
+                 rate: OpenRate | None = None) -> None:
+        self.tunnel = tunnel
+        self.slots = slots
+        self.rate = rate
+        self._loop = asyncio.get_running_loop()
+        self._joining: set[asyncio.Task[None]] = set()
+
+    def __call__(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        tunnel = self.tunnel
+        if tunnel.link is None:
+            reset_socket(conn)  # owner offline: refuse at once, nothing to count
+            return
+        try:
+            conn.getpeername()
+        except OSError:
+            # The visitor reset the connection while it sat in the accept queue (Rapid
+            # Reset, B-6). Opening a stream for it would only make the client dial.
+            self._refuse(conn, "visitor refused: reset before it was accepted")
+            return
+        address, source = f"{peer[0]}:{peer[1]}", str(peer[0])
+        if self.rate is not None and not self.rate.allow(tunnel.port, source):
+            # Checked before a stream exists: a refused open costs the owner's link nothing.
+            refused = self.rate.refused.get(tunnel.port, 0)
+            self._refuse(conn, f"visitor {address} refused: opening connections too fast "
+                               f"({refused} refused on this port so far)")
+            return
+        if not self.slots.acquire(source):
+            self._refuse(conn, f"visitor {address} refused: too many connections from "
+                               f"{source}")
+            return
+        visitor = VisitorSocket(tunnel, self.slots, source, address)
+        task = self._loop.create_task(self._join(conn, visitor))
+        self._joining.add(task)
+        task.add_done_callback(self._joining.discard)
+
+    def _refuse(self, conn: socket.socket, why: str) -> None:
+        refuse(self.tunnel, why)
+        reset_socket(conn)
+
+    async def _join(self, conn: socket.socket, visitor: VisitorSocket) -> None:
+        """Make the admitted socket a transport; its protocol takes it from there."""
+        try:
+            await self._loop.connect_accepted_socket(lambda: visitor, conn)
+        except OSError as exc:
+            log.debug("visitor %s lost before it was joined: %s", visitor.peer, exc)
+            visitor.release_slot()
+            reset_socket(conn)
 
 
 async def bind_public_port(host: str, port: int, tunnel: TunnelRecord,
-                           slots: SourceSlots, rate: OpenRate | None = None) -> asyncio.Server:
+                           slots: SourceSlots, rate: OpenRate | None = None) -> Acceptor:
     """Bind ``port``; raises OSError when another program holds it.
 
     ``rate`` caps how fast visitors may open connections (per source and per port).
     """
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: VisitorSocket(tunnel, slots, rate), host, port,
-                                    backlog=LISTEN_BACKLOG, reuse_address=True)
+    socks = await bind_listening(host, port, LISTEN_BACKLOG)
+    return Acceptor(socks, VisitorGate(tunnel, slots, rate))
 
 
 def port_is_free(host: str, port: int) -> bool:

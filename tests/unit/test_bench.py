@@ -181,3 +181,17 @@ def test_quick_run_through_the_real_tunnel(tmp_path: Path) -> None:
                 "idle_1000", "cpu1"):
         assert medians[key]["tunnel-plain"] > 0, (key, medians[key])
     assert "| direct | tunnel-plain |" in (tmp_path / "latest.md").read_text(encoding="utf-8")
+
+
+def test_accept_cost_refuses_every_connection_and_reports_both_ways() -> None:
+    """``python -m bench.accept_cost``: both accept paths refuse the whole (small) flood
+    and a CPU figure comes out for each; the figures themselves are not judged here."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.accept_cost", "--count", "300", "--loop", "asyncio"],
+        capture_output=True, text=True, timeout=120, check=True)
+    found = re.fullmatch(r"asyncio: create_server ([\d.]+) us, Acceptor ([\d.]+) us of CPU "
+                         r"per refused connection \([\d.]+x\), refused 300 and 300 of 300\n",
+                         done.stdout)
+    assert found, done.stdout + done.stderr
+    assert float(found[1]) > 0 and float(found[2]) > 0
+    assert "Traceback" not in done.stderr, done.stderr

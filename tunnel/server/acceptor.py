@@ -5,7 +5,7 @@ its ``connection_made``) before the program can look at the peer. On a public po
 an open/reset flood (reliability B-6) nearly every connection is refused at once, and that
 transport is pure cost: on the stock loop 67 us of CPU per refused connection against
 18 us for ``accept()`` and ``close()`` alone (uvloop: 28 against 16; a loopback
-connect/reset flood, ``docs/benchmarks.md``). At 5000 opens/s the difference is a third of
+connect/reset flood, ``python -m bench.accept_cost``). At 5000 opens/s the difference is a third of
 a CPU, and the longer loop turns delay the resets of the streams the relay did open, which
 is what decides how many connections the client's local service sees at once.
 

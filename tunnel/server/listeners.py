@@ -46,23 +46,26 @@ class VisitorSocket(StreamSocket):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         link = self.tunnel.link
-        if link is None:
-            self.closed = True  # the owner went offline since the accept: refuse at once
-            self.release_slot()
-            abort_with_reset(transport)
+        if link is None:  # the owner went offline since the accept: refuse at once
+            self._turn_away(transport)
             return
         try:
             stream_id = link.mux.open_stream(self.tunnel.tunnel_id, self.peer)
         except LocalProtocolError as exc:
-            self.closed = True
-            self.release_slot()
-            refuse(self.tunnel, f"visitor {self.peer} refused: {exc}")
-            abort_with_reset(transport)
+            self._turn_away(transport, f"visitor {self.peer} refused: {exc}")
             return
         self.attach(link, stream_id)
         self.tunnel.connections.add(self)
         link.kick()
         super().connection_made(transport)
+
+    def _turn_away(self, transport: asyncio.BaseTransport, why: str | None = None) -> None:
+        """Refuse after all: RST, the slot back, and counted and logged when ``why`` says."""
+        self.closed = True
+        self.release_slot()
+        if why is not None:
+            refuse(self.tunnel, why)
+        abort_with_reset(transport)
 
     def release_slot(self) -> None:
         if self.source is not None:

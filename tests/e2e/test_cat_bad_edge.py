@@ -833,16 +833,16 @@ async def test_B6_open_reset_flood_is_rate_capped_and_spares_other_clients(
     closes); beta's port keeps a p99 latency (connect + echo) under 200 ms meanwhile;
     afterwards alpha's port serves.
 
-    What bounds alpha's sockets: the client dials at most 64 at once (``MAX_PENDING_DIALS``),
-    and a dialed socket lives until the visitor's reset has crossed the relay and the link,
-    so the count is also the admitted open rate times that turnaround. Holding a dial slot
-    until a stream's first byte would bound it by construction, but 64 silent visitors
-    would then lock the port for everyone (and L-2's idle streams could not open), so the
-    turnaround is kept short instead: the relay refuses the flood's excess before it costs
-    a transport (``tunnel.server.acceptor``) and takes at most 64 accepts per loop turn.
-    Measured at full size: 47-61 on the stock loop and 33-35 on uvloop with the machine to
-    itself; on a machine busy with other work the turnaround grows and the count can pass
-    64 (seen: 69-77 with four soaks running beside it)."""
+    What bounds alpha's sockets: the client has 64 dial slots (``MAX_PENDING_DIALS``) and a
+    stream keeps its slot past the connect until its visitor sends a byte, its local socket
+    is closed, or ``SILENT_HOLD`` (0.25 s) passes; the flood's visitors never send a byte,
+    so each of their local sockets holds a slot until it is closed, however long the reset
+    takes to cross the relay and the link. With the slot released at the connect, the count
+    was the admitted open rate times that turnaround: 47-61 on the stock loop with the
+    machine to itself, 69-77 with four soaks beside it. Held until closed (unless a reset
+    takes over 0.25 s to arrive): 33-55 with the machine to itself, 32-64 with the e2e
+    suite running beside it. The hold is short so that silent visitors cannot lock the port
+    for others (a browser's speculative connections: see ``tunnel.client.dialer``)."""
     target = ConcurrencyEchoService()
     await target.start()
     other = EchoService()

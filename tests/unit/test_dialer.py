@@ -332,3 +332,76 @@ async def test_queue_drops_entries_of_streams_reset_while_waiting() -> None:
             for _, writer in [first[0], *later]:
                 _abort(writer)
             await _until(lambda: len(pair.client.mux) == 0, "all streams freed")
+
+
+async def _silent_visitor(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_silent_streams_keep_their_slot_until_the_local_socket_closes(
+        service: _CountingServer) -> None:
+    """B-6's visitors connect and reset without a byte: each keeps its slot until its local
+    socket is closed, so the service never holds more connections than there are slots."""
+    port = await service.start()
+    async with _link_pair({0: port}, max_in_flight=2) as pair:
+        pair.dialer.silent_hold = 30.0  # longer than the test: only a close frees a slot
+        visitors = [await _silent_visitor(pair.ports[0]) for _ in range(4)]
+        await _until(lambda: pair.dialer.queued == 2, "two streams queued behind two slots")
+        await _until(lambda: service.accepted == 2, "two connections reach the service")
+        assert pair.dialer.in_flight == 2
+        _abort(visitors[0][1])
+        await _until(lambda: service.accepted == 3, "the freed slot dials the next stream")
+        assert (pair.dialer.in_flight, pair.dialer.queued) == (2, 1)
+        for _, writer in visitors[1:]:
+            _abort(writer)
+        await _until(lambda: len(pair.client.mux) == 0, "all streams freed")
+    assert service.accepted == 3  # the last queued visitor left before it was dialed
+
+
+async def test_first_byte_from_the_visitor_frees_the_slot(service: _CountingServer) -> None:
+    port = await service.start()
+    async with _link_pair({0: port}, max_in_flight=1) as pair:
+        pair.dialer.silent_hold = 30.0
+        reader, writer = await asyncio.open_connection("127.0.0.1", pair.ports[0])
+        writer.write(b"hello")
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
+        assert pair.dialer.in_flight == 0  # still connected, but no longer holding a slot
+        silent = [await _silent_visitor(pair.ports[0]) for _ in range(2)]
+        await _until(lambda: service.accepted == 2 and pair.dialer.queued == 1,
+                     "the next silent stream dialed, the one after it queued")
+        for _, w in [(reader, writer), *silent]:
+            _abort(w)
+        await _until(lambda: len(pair.client.mux) == 0, "all streams freed")
+
+
+async def test_silent_stream_gives_its_slot_back_after_the_hold(
+        service: _CountingServer) -> None:
+    """A silent visitor (a browser's speculative connection) blocks the port for at most
+    ``silent_hold``: the queued stream is dialed while the first one is still open."""
+    port = await service.start()
+    async with _link_pair({0: port}, max_in_flight=1) as pair:
+        pair.dialer.silent_hold = 0.2
+        first = await _silent_visitor(pair.ports[0])
+        await _until(lambda: service.accepted == 1, "the first silent stream is dialed")
+        second = await _silent_visitor(pair.ports[0])
+        await _until(lambda: service.accepted == 2, "the second dialed after the hold")
+        assert len(pair.client.mux) == 2  # the first is still open: only the hold ended
+        for _, w in (first, second):
+            _abort(w)
+        await _until(lambda: len(pair.client.mux) == 0, "all streams freed")
+
+
+async def test_bytes_before_the_connect_do_not_free_the_slot_early() -> None:
+    """A visitor that speaks at once while its connect hangs still holds the slot: bytes
+    that arrive before the connect wait in the stream and cannot start another dial."""
+    with _swallowing_listener() as stuck:
+        async with _link_pair({0: stuck}, max_in_flight=1, timeout=5.0) as pair:
+            _, eager = await asyncio.open_connection("127.0.0.1", pair.ports[0])
+            eager.write(b"GET / HTTP/1.1\r\n\r\n")
+            await _until(lambda: pair.dialer.in_flight == 1, "the first dial hangs")
+            _, second = await _silent_visitor(pair.ports[0])
+            await _until(lambda: len(pair.client.mux) == 2, "the second stream reaches the client")
+            assert (pair.dialer.in_flight, pair.dialer.queued) == (1, 1)
+            for w in (eager, second):
+                _abort(w)
+            await _until(lambda: len(pair.client.mux) == 0, "all streams freed")

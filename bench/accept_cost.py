@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from tunnel.common.link import abort_with_reset, reset_on_close
+from tunnel.common.aio.link import abort_with_reset, reset_on_close
 from tunnel.server.acceptor import Acceptor, bind_listening
 
 DEFAULT_COUNT = 20_000

@@ -17,7 +17,7 @@ from tests.e2e.ports import free_ports
 
 ALL = ("direct", "frp-tls", "frp-plain", "tunnel-tls", "tunnel-plain")
 #: Opt-in (``--contenders``): the tunnel with websockets' own framing for the whole link
-#: (``TUNNEL_WS_FRAMING=0``), to measure tunnel/common/wsframing.py against it in one run.
+#: (``TUNNEL_WS_FRAMING=0``), to measure tunnel/common/aio/wsframing.py against it in one run.
 OPTIONAL = ("tunnel-tls-ws", "tunnel-plain-ws")
 KNOWN = ALL + OPTIONAL
 SERVICES = ("echo", "sink", "source")

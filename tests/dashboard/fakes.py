@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunnel.common.config_dashboard import AlertSettings, DashboardSettings
-from tunnel.common.secret import Secret
+from tunnel.common.proto.secret import Secret
+from tunnel.server.config_dashboard import AlertSettings, DashboardSettings
 from tunnel.server.stats import LinkCounters
 
 PASSWORD = "correct-horse-battery-staple"

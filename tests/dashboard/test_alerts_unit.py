@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from tests.dashboard.fakes import FakeConfig, FakeRelay
-from tunnel.common.config_dashboard import AlertSettings
+from tunnel.server.config_dashboard import AlertSettings
 from tunnel.server.dashboard.alerts import BACKOFF_BASE, Alerts, start_alerts
 
 SECRET_URL = "https://hooks.example.com/services/T000/SECRETPATH"

@@ -37,10 +37,10 @@ from tests.e2e.harness import (
 )
 from tests.e2e.services import CHUNK, EchoService, close_writer, open_visitor
 from tunnel import __version__
-from tunnel.common import messages as msg
-from tunnel.common.auth import client_proof, derive_key, new_nonce
-from tunnel.common.frames import Frame, FrameType, decode_frames, encode_frame
-from tunnel.common.secret import Secret
+from tunnel.common.proto import messages as msg
+from tunnel.common.proto.auth import client_proof, derive_key, new_nonce
+from tunnel.common.proto.frames import Frame, FrameType, decode_frames, encode_frame
+from tunnel.common.proto.secret import Secret
 from tunnel.server.registry import REPLACEMENT_FLAG
 
 try:

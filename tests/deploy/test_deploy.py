@@ -42,10 +42,10 @@ from tests.e2e.harness import (
 from tests.e2e.services import EchoService, close_writer, echo_check
 from tunnel.client.cli import EXIT_CONFIG, EXIT_REFUSED
 from tunnel.client.settings import resolve_client_settings
-from tunnel.common.config import load_server_config
-from tunnel.common.credentials import generate_keypair
-from tunnel.common.portset import PortSet
-from tunnel.common.tls import cert_file_fingerprint, generate_self_signed
+from tunnel.common.config.credentials import generate_keypair
+from tunnel.common.proto.portset import PortSet
+from tunnel.server.config import load_server_config
+from tunnel.server.tls import cert_file_fingerprint, generate_self_signed
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from tests.e2e.rawpeer import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWs, WsClosed
-from tunnel.common.frames import HEADER, PROTOCOL_VERSION, FrameType
+from tunnel.common.proto.frames import HEADER, PROTOCOL_VERSION, FrameType
 
 __all__ = ["FuzzStats", "LiveFuzzer"]
 

@@ -22,10 +22,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from tunnel.common import messages as msg
-from tunnel.common.auth import client_proof, derive_key, new_nonce
-from tunnel.common.frames import Frame, FrameType, decode_frames, encode_frame
-from tunnel.common.secret import Secret
+from tunnel.common.proto import messages as msg
+from tunnel.common.proto.auth import client_proof, derive_key, new_nonce
+from tunnel.common.proto.frames import Frame, FrameType, decode_frames, encode_frame
+from tunnel.common.proto.secret import Secret
 
 __all__ = [
     "RawWs",

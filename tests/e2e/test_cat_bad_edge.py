@@ -48,8 +48,8 @@ from tests.e2e.rawpeer import control, first_control
 from tests.e2e.rawpeer import login as raw_login
 from tests.e2e.services import EchoService, close_writer, echo_check
 from tunnel.client.dialer import MAX_PENDING_DIALS
-from tunnel.common.frames import FrameType, decode_frames
-from tunnel.common.yamlsafe import MAX_CONFIG_BYTES
+from tunnel.common.config.yamlsafe import MAX_CONFIG_BYTES
+from tunnel.common.proto.frames import FrameType, decode_frames
 from tunnel.server.control import HANDSHAKE_TIMEOUT as OPEN_TIMEOUT
 from tunnel.server.guard import (
     MAX_PREAUTH_PER_SOURCE,

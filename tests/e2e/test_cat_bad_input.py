@@ -57,9 +57,10 @@ from tests.e2e.rawpeer import (
 from tests.e2e.services import EchoService, close_writer, echo_check, open_visitor
 from tests.unit.test_frames import hostile_messages, valid_frames
 from tests.unit.test_mux import MuxPairMachine, raw_open
-from tunnel.common import messages as msg
+from tunnel.common.aio.link import LINK_WRITE_BUFFER_LIMIT
 from tunnel.common.errors import FrameError, RemoteProtocolError
-from tunnel.common.frames import (
+from tunnel.common.proto import messages as msg
+from tunnel.common.proto.frames import (
     HEADER,
     MAX_DATA_PAYLOAD,
     MAX_MESSAGE_SIZE,
@@ -71,8 +72,7 @@ from tunnel.common.frames import (
     encode_data,
     encode_frame,
 )
-from tunnel.common.link import LINK_WRITE_BUFFER_LIMIT
-from tunnel.common.mux import (
+from tunnel.common.proto.mux import (
     INITIAL_WINDOW,
     MAX_CONTROL_BURST,
     MAX_EMPTY_DATA_PER_SECOND,

@@ -1,6 +1,6 @@
 """Reliability catalogue (../shared/design/reliability.md §2), section (b) flow control, by id.
 
-Our stream window W is 1 MiB (``tunnel.common.mux.INITIAL_WINDOW``), not the catalogue's
+Our stream window W is 1 MiB (``tunnel.common.proto.mux.INITIAL_WINDOW``), not the catalogue's
 256 KiB; every bound below is written in terms of our W. Bytes held by the kernel are read
 from ``/proc/net/tcp`` (send + receive queues of the sockets on the stream's path), so
 "bytes queued in the processes" is what was accepted minus what was read minus those.
@@ -38,7 +38,7 @@ from tests.e2e.services import (
     assert_closed_quickly,
     echo_check,
 )
-from tunnel.common.mux import INITIAL_WINDOW as W
+from tunnel.common.proto.mux import INITIAL_WINDOW as W
 
 MIB = 1024 * 1024
 #: The catalogue's estimate of "W + kernel buffers" for F-2/F-3 on this machine kind; the

@@ -33,7 +33,7 @@ from tests.e2e.services import (
     read_to_eof,
     send_pattern,
 )
-from tunnel.common.mux import INITIAL_WINDOW
+from tunnel.common.proto.mux import INITIAL_WINDOW
 
 MIB = 1024 * 1024
 W = INITIAL_WINDOW

@@ -71,10 +71,10 @@ from tests.e2e.services import (
     read_exactly_digest,
 )
 from tests.e2e.tlsproxy import RecordingProxy, TlsMitm, make_self_signed
-from tunnel.common import messages as msg
-from tunnel.common.auth import client_proof, derive_key, identify, login_message, new_nonce
-from tunnel.common.credentials import generate_keypair, key_id, sign
-from tunnel.common.secret import Secret
+from tunnel.common.config.credentials import generate_keypair, key_id, sign
+from tunnel.common.proto import messages as msg
+from tunnel.common.proto.auth import client_proof, derive_key, identify, login_message, new_nonce
+from tunnel.common.proto.secret import Secret
 from tunnel.server.guard import (
     FAILURES_BEFORE_PENALTY,
     MAX_PENALTY_ENTRIES,
@@ -553,9 +553,9 @@ _SECRET_NAME = re.compile(
     r"reveal|reveal_bytes|nonce|nonces)(?:_|$)", re.IGNORECASE)
 #: Comparisons the scan flags by name that hold no secret, each with the reason.
 _NOT_SECRET = {
-    ("common/config.py", "key not in data"): "a config key name",
-    ("common/yamlsafe.py", "key in out"): "a YAML mapping key",
-    ("common/tls.py", "key_exists != cert_exists"): "two booleans: which files exist",
+    ("server/config.py", "key not in data"): "a config key name",
+    ("common/config/yamlsafe.py", "key in out"): "a YAML mapping key",
+    ("server/tls.py", "key_exists != cert_exists"): "two booleans: which files exist",
     ("server/dashboard/httpmsg.py", "'close' not in tokens"): "Connection header tokens",
     ("server/dashboard/httpwire.py", "key in headers"): "an HTTP header name",
     ("server/dashboard/httpwire.py", "key in _SINGLETON_HEADERS"): "an HTTP header name",
@@ -600,7 +600,8 @@ def test_S4_no_plain_comparison_of_secrets_static() -> None:
     proof, nonce or token anywhere in tunnel/ (the names that hold public values are listed
     with the reason); the login and dashboard checks use ``hmac.compare_digest``."""
     assert _secret_comparisons() == []
-    for module in ("common/auth.py", "common/secret.py", "server/dashboard/security.py"):
+    modules = ("common/proto/auth.py", "common/proto/secret.py", "server/dashboard/security.py")
+    for module in modules:
         assert "hmac.compare_digest(" in (TUNNEL_DIR / module).read_text(encoding="utf-8")
 
 

@@ -21,10 +21,10 @@ import asyncio
 import struct
 
 from tests.recording_transport import RecordingTransport
+from tunnel.common.aio.wsframing import WsFraming
 from tunnel.common.errors import FrameError, RemoteProtocolError
-from tunnel.common.frames import decode_frames, encode_frame
-from tunnel.common.mux import Mux, Role
-from tunnel.common.wsframing import WsFraming
+from tunnel.common.proto.frames import decode_frames, encode_frame
+from tunnel.common.proto.mux import Mux, Role
 
 __all__ = ["SEEDS", "TARGETS", "one_input"]
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunnel.common.config import load_server_config
-from tunnel.common.credentials import JoinInfo, decode_join, public_key_of
+from tunnel.common.config.credentials import JoinInfo, decode_join, public_key_of
 from tunnel.common.errors import ConfigError
-from tunnel.common.portset import PortSet
-from tunnel.common.tls import cert_file_fingerprint
+from tunnel.common.proto.portset import PortSet
 from tunnel.server.admin import main, parse_port_spec
+from tunnel.server.config import load_server_config
+from tunnel.server.tls import cert_file_fingerprint
 
 PUBLIC_URL = "wss://vps.example.com:7000/tunnel"
 INLINE_TOKEN = "inline-token-value-0000001"

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tunnel.common.auth import (
+from tunnel.common.proto.auth import (
     NONCE_SIZE,
     PROOF_SIZE,
     client_proof,
@@ -17,7 +17,7 @@ from tunnel.common.auth import (
     identify,
     new_nonce,
 )
-from tunnel.common.secret import Secret
+from tunnel.common.proto.secret import Secret
 
 SERVER_NONCE = bytes(range(32))
 CLIENT_NONCE = bytes(range(32, 64))

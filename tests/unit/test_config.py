@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.common.config import (
+from tunnel.common.config.yamlsafe import (
+    MAX_CONFIG_BYTES,
+    load_yaml_document_text,
+    load_yaml_file,
+    load_yaml_text,
+)
+from tunnel.common.errors import ConfigError
+from tunnel.common.proto.portset import PortSet
+from tunnel.common.proto.secret import Secret
+from tunnel.server.config import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_PATH,
@@ -17,15 +26,6 @@ from tunnel.common.config import (
     ServerConfig,
     load_server_config,
     parse_server_config,
-)
-from tunnel.common.errors import ConfigError
-from tunnel.common.portset import PortSet
-from tunnel.common.secret import Secret
-from tunnel.common.yamlsafe import (
-    MAX_CONFIG_BYTES,
-    load_yaml_document_text,
-    load_yaml_file,
-    load_yaml_text,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "config"

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.common.config import (
+from tunnel.common.config.credentials import generate_keypair
+from tunnel.common.errors import ConfigError
+from tunnel.common.proto.portset import PortSet
+from tunnel.common.proto.secret import Secret
+from tunnel.server.config import (
     ClientEntry,
     ServerConfig,
     TlsSettings,
@@ -14,10 +18,6 @@ from tunnel.common.config import (
     load_server_config,
     parse_server_config,
 )
-from tunnel.common.credentials import generate_keypair
-from tunnel.common.errors import ConfigError
-from tunnel.common.portset import PortSet
-from tunnel.common.secret import Secret
 
 BASE = 'listen: "0.0.0.0:7000"\nports: ["6000-6099"]\n'
 TOKEN_A = "token-a-value-000000000001"

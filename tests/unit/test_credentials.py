@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tunnel.common.credentials import (
+from tunnel.common.config.credentials import (
     JOIN_PREFIX,
     KEY_PREFIX,
     MAX_JOIN_LENGTH,
@@ -26,7 +26,7 @@ from tunnel.common.credentials import (
     verify,
 )
 from tunnel.common.errors import ConfigError
-from tunnel.common.secret import Secret
+from tunnel.common.proto.secret import Secret
 
 FINGERPRINT = "sha256:" + "ab" * 32
 URL = "wss://vps.example.com:7000/tunnel"

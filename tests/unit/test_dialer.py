@@ -24,8 +24,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from tunnel.client.dialer import DIAL_TIMEOUT, MAX_PENDING_DIALS, Dialer
 from tunnel.client.expose import ExposeSpec
-from tunnel.common.link import Link, StreamSocket
-from tunnel.common.mux import Mux, Role
+from tunnel.common.aio.link import Link, StreamSocket
+from tunnel.common.proto.mux import Mux, Role
 
 BOUND = 200  # iterations of any polling loop (x 20 ms)
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnel.common.errors import FrameError, RemoteProtocolError
-from tunnel.common.frames import (
+from tunnel.common.proto.frames import (
     HEADER_SIZE,
     MAX_CONTROL_PAYLOAD,
     MAX_DATA_PAYLOAD,
@@ -24,7 +24,7 @@ from tunnel.common.frames import (
     encode_data,
     encode_frame,
 )
-from tunnel.common.sizeclass import size_class
+from tunnel.common.proto.sizeclass import size_class
 
 
 def h(text: str) -> bytes:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tunnel.common.errors import ClaimRefused
-from tunnel.common.portset import PortSet
+from tunnel.common.proto.portset import PortSet
 from tunnel.server.leases import (
     AUTO_LEASE_TTL,
     SCHEMA_VERSION,

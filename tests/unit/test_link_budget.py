@@ -1,4 +1,4 @@
-"""The budget the links of one relay share (tunnel/common/budget.py, catalogue L-3).
+"""The budget the links of one relay share (tunnel/common/aio/budget.py, catalogue L-3).
 
 Each link bounds its own queues; with hundreds of links those bounds multiply. While the
 group's sum is over its ceiling, a link over its fair share stops reading, and it starts
@@ -14,12 +14,12 @@ from typing import Any, cast
 
 from tests.recording_transport import RecordingTransport
 from tests.unit.test_link_fairness import _drain_to_low_water, _link, _socket
-from tunnel.common.budget import LinkGroup
-from tunnel.common.frames import Frame, FrameType, decode_frames
-from tunnel.common.frames import encode_frame as encode_mux_frame
-from tunnel.common.link import STREAM_READ_LIMIT, STREAM_READ_SQUEEZED, Link, StreamSocket
-from tunnel.common.mux import INITIAL_WINDOW, Mux, Role
-from tunnel.common.wsframing import WsFraming, encode_frame
+from tunnel.common.aio.budget import LinkGroup
+from tunnel.common.aio.link import STREAM_READ_LIMIT, STREAM_READ_SQUEEZED, Link, StreamSocket
+from tunnel.common.aio.wsframing import WsFraming, encode_frame
+from tunnel.common.proto.frames import Frame, FrameType, decode_frames
+from tunnel.common.proto.frames import encode_frame as encode_mux_frame
+from tunnel.common.proto.mux import INITIAL_WINDOW, Mux, Role
 from tunnel.server.guard import SourceSlots
 from tunnel.server.preauth import preauth_connection
 

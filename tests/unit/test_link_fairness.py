@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 from typing import Any, cast
 
-from tunnel.common.frames import MAX_DATA_PAYLOAD, Frame, FrameType, encode_frame
-from tunnel.common.link import (
+from tunnel.common.aio.link import (
     LINK_CEILING,
     LINK_HIGH_WATER,
     LINK_LOW_WATER,
     Link,
     StreamSocket,
 )
-from tunnel.common.mux import HEADER_OPEN, INITIAL_WINDOW, Mux, Role
+from tunnel.common.proto.frames import MAX_DATA_PAYLOAD, Frame, FrameType, encode_frame
+from tunnel.common.proto.mux import HEADER_OPEN, INITIAL_WINDOW, Mux, Role
 
 
 class FakeTransport:

@@ -15,9 +15,9 @@ import socket
 import struct
 from typing import Any, cast
 
-from tunnel.common.frames import Frame, FrameType, decode_frames, encode_frame
-from tunnel.common.link import Link, StreamSocket
-from tunnel.common.mux import HEADER_OPEN, Mux, ResetCode, Role
+from tunnel.common.aio.link import Link, StreamSocket
+from tunnel.common.proto.frames import Frame, FrameType, decode_frames, encode_frame
+from tunnel.common.proto.mux import HEADER_OPEN, Mux, ResetCode, Role
 
 
 async def _paused_stream(

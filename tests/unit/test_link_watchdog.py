@@ -8,8 +8,8 @@ import asyncio
 import logging
 from typing import Any, cast
 
-from tunnel.common.link import LINK_WRITE_BUFFER_LIMIT, Link
-from tunnel.common.mux import Mux, Role
+from tunnel.common.aio.link import LINK_WRITE_BUFFER_LIMIT, Link
+from tunnel.common.proto.mux import Mux, Role
 
 
 class FakeTransport:

@@ -23,7 +23,7 @@ from hypothesis.stateful import (
 
 from tunnel.client.settings import MAX_EXPOSES
 from tunnel.common.errors import LocalProtocolError, RemoteProtocolError
-from tunnel.common.frames import (
+from tunnel.common.proto.frames import (
     HEADER,
     HEADER_SIZE,
     MAX_DATA_PAYLOAD,
@@ -37,7 +37,7 @@ from tunnel.common.frames import (
     encode_data,
     encode_frame,
 )
-from tunnel.common.mux import (
+from tunnel.common.proto.mux import (
     DEFAULT_MAX_STREAMS,
     INITIAL_WINDOW,
     MAX_CONTROL_BURST,

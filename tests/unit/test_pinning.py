@@ -1,4 +1,4 @@
-"""The client's SPKI walk (``tunnel.common.pinning.spki_der``) against ``cryptography``.
+"""The client's SPKI walk (``tunnel.common.aio.tls.spki_der``) against ``cryptography``.
 
 The client cuts the public key out of the relay's DER certificate itself so that it need
 not import ``cryptography.x509`` (start time, see the module docstring). These tests hold
@@ -23,8 +23,8 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tunnel.common.aio.tls import check_pin, spki_der, spki_fingerprint
 from tunnel.common.errors import FingerprintMismatch
-from tunnel.common.pinning import check_pin, spki_der, spki_fingerprint
 
 KEYS = {
     "rsa-2048": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
@@ -156,8 +156,8 @@ def test_client_path_does_not_import_x509() -> None:
     import subprocess
 
     probe = ("import sys, tunnel.client.cli; "
-             "print(sorted(m for m in ('cryptography.x509', 'yaml', 'tunnel.common.config', "
-             "'tunnel.common.credentials', 'tunnel.common.tls') if m in sys.modules))")
+             "print(sorted(m for m in ('cryptography.x509', 'yaml', 'tunnel.server.config', "
+             "'tunnel.common.config.credentials', 'tunnel.server.tls') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout

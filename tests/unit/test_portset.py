@@ -12,7 +12,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunnel.common.portset import PortSet
+from tunnel.common.proto.portset import PortSet
 
 #: A small port space makes overlaps, adjacency and gaps frequent.
 SPACE = 200

@@ -21,7 +21,7 @@ from tunnel.client.connector import (
     reconnect_delay,
 )
 from tunnel.client.settings import ClientSettings
-from tunnel.common.secret import Secret
+from tunnel.common.proto.secret import Secret
 
 
 def test_reconnect_delay_spreads_only_when_the_relay_went_away() -> None:

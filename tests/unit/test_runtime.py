@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from tunnel.common.runtime import (
+from tunnel.common.aio.runtime import (
     ACCEPT_ERROR_LOG_INTERVAL,
     RATE_LIMIT_KEYS,
     AcceptErrorFilter,

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.dashboard.fakes import sample_relay
-from tunnel.common.config import CLIENT_NAME_PATTERN, parse_server_config
-from tunnel.common.credentials import MAX_SHOWN_NAME, shown_name
+from tunnel.common.config.credentials import MAX_SHOWN_NAME, shown_name
 from tunnel.common.errors import ConfigError
-from tunnel.common.secret import DEFAULT_SECRETS, MIN_SECRET_CHARS, weakness
+from tunnel.common.proto.secret import DEFAULT_SECRETS, MIN_SECRET_CHARS, weakness
+from tunnel.server.config import CLIENT_NAME_PATTERN, parse_server_config
 from tunnel.server.control import IDENTITY_FIELDS, _claimed_identity
 from tunnel.server.dashboard.views import client_summary
 from tunnel.server.registry import REPLACEMENT_FLAG

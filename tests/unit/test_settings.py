@@ -14,7 +14,7 @@ from tunnel.client.settings import (
     resolve_client_settings,
 )
 from tunnel.common.errors import ConfigError
-from tunnel.common.secret import Secret
+from tunnel.common.proto.secret import Secret
 
 FLAG_TOKEN = "flag-token-value-0000001"
 ENV_TOKEN = "env-token-value-00000002"

@@ -17,14 +17,14 @@ from tunnel.client.settings import (
     normalize_server_url,
     resolve_client_settings,
 )
-from tunnel.common.credentials import (
+from tunnel.common.config.credentials import (
     JoinInfo,
     encode_join,
     generate_keypair,
     public_key_of,
 )
 from tunnel.common.errors import ConfigError
-from tunnel.common.secret import Secret
+from tunnel.common.proto.secret import Secret
 
 HEX = "0123456789abcdef" * 4
 PIN = "sha256:" + HEX

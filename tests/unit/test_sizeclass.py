@@ -1,4 +1,4 @@
-"""Size classes of the data path's large buffers (tunnel/common/sizeclass.py)."""
+"""Size classes of the data path's large buffers (tunnel/common/proto/sizeclass.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from tunnel.common.frames import MAX_DATA_PAYLOAD, SEND_MESSAGE_SIZE
-from tunnel.common.readbuffer import READ_SIZE
-from tunnel.common.sizeclass import (
+from tunnel.common.aio.budget import READ_SIZE
+from tunnel.common.proto.frames import MAX_DATA_PAYLOAD, SEND_MESSAGE_SIZE
+from tunnel.common.proto.sizeclass import (
     CLASS_HEADROOM,
     CLASSED_MIN,
     CLASSES_PER_DOUBLING,

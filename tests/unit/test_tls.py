@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tunnel.common.errors import ConfigError, FingerprintMismatch, TunnelError
-from tunnel.common.tls import (
+from tunnel.server.tls import (
     CERT_FILE,
     CERT_VALIDITY_DAYS,
     FINGERPRINT_PREFIX,

@@ -1,11 +1,11 @@
 """The client hands websockets the ``ws://`` form of a ``wss://`` relay URL and runs TLS below
-it (tunnel/client/tlsconnect.py): the form must keep the host, the port and the path."""
+it (tunnel/client/tls.py): the form must keep the host, the port and the path."""
 
 from __future__ import annotations
 
 import pytest
 
-from tunnel.client.tlsconnect import transport_url
+from tunnel.client.tls import transport_url
 
 
 @pytest.mark.parametrize(("url", "expected"), [

@@ -1,4 +1,4 @@
-"""Our RFC 6455 framing (tunnel/common/wsframing.py).
+"""Our RFC 6455 framing (tunnel/common/aio/wsframing.py).
 
 Most tests drive a :class:`WsFraming` through a recording transport (bytes in with
 ``data_received``, bytes out as written), with golden frames from RFC 6455 section 5.7; the
@@ -22,9 +22,7 @@ from websockets.protocol import Side
 from websockets.streams import StreamReader
 
 from tests.recording_transport import RecordingTransport
-from tunnel.common.errors import RemoteProtocolError
-from tunnel.common.sizeclass import size_class
-from tunnel.common.wsframing import (
+from tunnel.common.aio.wsframing import (
     CLOSE_GOING_AWAY,
     CLOSE_INVALID_DATA,
     CLOSE_PROTOCOL_ERROR,
@@ -36,6 +34,8 @@ from tunnel.common.wsframing import (
     framing_enabled,
     take_over,
 )
+from tunnel.common.errors import RemoteProtocolError
+from tunnel.common.proto.sizeclass import size_class
 
 MASK = bytes([0x37, 0xFA, 0x21, 0x3D])  # the key of RFC 6455 5.7's masked examples
 # RFC 6455 5.7, byte for byte

@@ -15,12 +15,18 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
-from ..common.errors import AuthError, ClaimRefused, ConfigError, FingerprintMismatch, TlsFilesError
-from ..common.runtime import run, setup_logging
-from .connector import Connector, UntrustedCertificate
-from .expose import EXPOSE_GRAMMAR
-from .settings import ClientSettings, resolve_client_settings
+from tunnel import __version__
+from tunnel.client.connector import Connector, UntrustedCertificate
+from tunnel.client.expose import EXPOSE_GRAMMAR
+from tunnel.client.settings import ClientSettings, resolve_client_settings
+from tunnel.common.aio.runtime import run, setup_logging
+from tunnel.common.errors import (
+    AuthError,
+    ClaimRefused,
+    ConfigError,
+    FingerprintMismatch,
+    TlsFilesError,
+)
 
 __all__ = ["EXIT_CONFIG", "EXIT_REFUSED", "main"]
 
@@ -64,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "join":
-        from .join import join_main  # PyYAML and key parsing: only this subcommand needs them
+        from tunnel.client.join import (
+            join_main,  # PyYAML and key parsing: only this subcommand needs them
+        )
 
         return join_main(argv[1:])
     args = _parser().parse_args(argv)

@@ -20,27 +20,27 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from .. import __version__
-from ..common import messages as msg
-from ..common.auth import NONCE_SIZE, client_proof, derive_key, login_message, new_nonce
-from ..common.errors import (
+from tunnel import __version__
+from tunnel.client.dialer import Dialer
+from tunnel.client.expose import ExposeSpec
+from tunnel.client.settings import ClientSettings
+from tunnel.client.telemetry import telemetry_interval, telemetry_provider
+from tunnel.client.tls import tls_connection, transport_url
+from tunnel.common.aio.link import Link, LinkClosed
+from tunnel.common.aio.runtime import limit_unsent
+from tunnel.common.aio.tls import client_ssl_context
+from tunnel.common.aio.wsframing import framing_enabled, take_over
+from tunnel.common.errors import (
     AuthError,
     ClaimRefused,
     ConfigError,
     RemoteProtocolError,
     TunnelError,
 )
-from ..common.frames import MAX_MESSAGE_SIZE, MAX_STREAMS_LIMIT, PROTOCOL_VERSION
-from ..common.link import Link, LinkClosed
-from ..common.mux import GoAwayCode, Mux, Role
-from ..common.pinning import client_ssl_context
-from ..common.runtime import limit_unsent
-from ..common.wsframing import framing_enabled, take_over
-from .dialer import Dialer
-from .expose import ExposeSpec
-from .settings import ClientSettings
-from .telemetry import telemetry_interval, telemetry_provider
-from .tlsconnect import tls_connection, transport_url
+from tunnel.common.proto import messages as msg
+from tunnel.common.proto.auth import NONCE_SIZE, client_proof, derive_key, login_message, new_nonce
+from tunnel.common.proto.frames import MAX_MESSAGE_SIZE, MAX_STREAMS_LIMIT, PROTOCOL_VERSION
+from tunnel.common.proto.mux import GoAwayCode, Mux, Role
 
 __all__ = [
     "BACKOFF_CAP",
@@ -245,7 +245,7 @@ class Connector:
         private = self.settings.private_key
         if private is not None:
             # Imported here: cryptography's key modules would cost every token client's start.
-            from ..common.credentials import key_id, public_key_of, sign
+            from tunnel.common.config.credentials import key_id, public_key_of, sign
 
             signature = sign(private, login_message(server_nonce, client_nonce))
             auth["key_id"] = key_id(public_key_of(private))

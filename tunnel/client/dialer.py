@@ -39,9 +39,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
-from ..common.link import Link, StreamSocket
-from ..common.mux import ResetCode, StreamOpened
-from .expose import ExposeSpec
+from tunnel.client.expose import ExposeSpec
+from tunnel.common.aio.link import Link, StreamSocket
+from tunnel.common.proto.mux import ResetCode, StreamOpened
 
 __all__ = ["DIAL_ERROR_LOG_INTERVAL", "DIAL_TIMEOUT", "MAX_PENDING_DIALS", "SILENT_HOLD",
            "Dialer"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tunnel.common.errors import ConfigError
-from tunnel.common.portset import MAX_PORT, MIN_PORT
+from tunnel.common.proto.portset import MAX_PORT, MIN_PORT
 
 __all__ = [
     "DEFAULT_LOCAL_HOST",

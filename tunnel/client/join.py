@@ -14,10 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from ..common.credentials import JoinInfo, decode_join
-from ..common.errors import ConfigError
-from ..common.localfs import write_private
-from .settings import default_client_config
+from tunnel.client.settings import default_client_config
+from tunnel.common.config.credentials import JoinInfo, decode_join
+from tunnel.common.config.localfs import write_private
+from tunnel.common.errors import ConfigError
 
 __all__ = ["join_main", "write_client_config"]
 

@@ -23,19 +23,19 @@ from tunnel.client.expose import (
     parse_expose,
     parse_port,
 )
-from tunnel.common.configbase import (
+from tunnel.common.config.base import (
     DEFAULT_PATH,
     MIN_TOKEN_LENGTH,
     ConfigContext,
     describe_value,
+    item_path,
+    parse_fingerprint,
     resolve_token,
     warn_if_readable,
 )
+from tunnel.common.config.localfs import is_loopback
 from tunnel.common.errors import ConfigError
-from tunnel.common.fingerprint import parse_fingerprint
-from tunnel.common.keypath import item_path
-from tunnel.common.localfs import is_loopback
-from tunnel.common.secret import Secret
+from tunnel.common.proto.secret import Secret
 
 __all__ = [
     "ENV_SERVER",
@@ -174,7 +174,7 @@ class _FileSettings:
 
 
 def _load_file(config_path: str) -> _FileSettings:
-    from tunnel.common.yamlsafe import load_yaml_document_file
+    from tunnel.common.config.yamlsafe import load_yaml_document_file
 
     path = Path(config_path)
     doc = load_yaml_document_file(path)
@@ -251,7 +251,7 @@ def _credential(flag: str | None, env: Mapping[str, str],
         if any(k in file.data for k in ("token", "token_env", "token_file")):
             raise file.ctx.error("key", "conflicting credentials: set either key or a token")
         value = file.ctx.expect_str(file.data["key"], "key", "an ed25519: private key")
-        from tunnel.common.credentials import parse_private_key
+        from tunnel.common.config.credentials import parse_private_key
         return None, parse_private_key(value, file.ctx.source, "key")
     if file is not None and any(k in file.data for k in ("token", "token_env", "token_file")):
         return resolve_token(file.ctx, file.data, "", env), None

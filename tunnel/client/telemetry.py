@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from ..common.telemetry_schema import (
+from tunnel.common.proto.telemetry import (
     MAX_GPUS,
     MAX_TEXT,
     PERCENT_MAX,

@@ -24,7 +24,7 @@ import logging
 import socket
 from collections.abc import Callable
 
-from ..common.runtime import ACCEPT_ERROR_LOG_INTERVAL, RESOURCE_ERRNOS, RateLimitedLogger
+from tunnel.common.aio.runtime import ACCEPT_ERROR_LOG_INTERVAL, RESOURCE_ERRNOS, RateLimitedLogger
 
 __all__ = ["ACCEPTS_PER_TURN", "ACCEPT_RETRY_DELAY", "Acceptor", "bind_listening"]
 

@@ -20,15 +20,15 @@ from typing import Any
 
 import yaml
 
-from ..common.config import CLIENT_NAME_PATTERN, ServerConfig, load_server_config
-from ..common.credentials import JoinInfo, encode_join, generate_keypair, shown_name
-from ..common.errors import ConfigError, TunnelError
-from ..common.localfs import PRIVATE_DIR_MODE, write_private
-from ..common.portset import PortSet
-from ..common.tls import cert_file_fingerprint, ensure_self_signed
-from ..common.yamlsafe import load_yaml_file
-from .app import LEASE_DB_NAME, cert_hosts, tls_dir
-from .leases import SqliteLeaseStore
+from tunnel.common.config.credentials import JoinInfo, encode_join, generate_keypair, shown_name
+from tunnel.common.config.localfs import PRIVATE_DIR_MODE, write_private
+from tunnel.common.config.yamlsafe import load_yaml_file
+from tunnel.common.errors import ConfigError, TunnelError
+from tunnel.common.proto.portset import PortSet
+from tunnel.server.app import LEASE_DB_NAME, cert_hosts, tls_dir
+from tunnel.server.config import CLIENT_NAME_PATTERN, ServerConfig, load_server_config
+from tunnel.server.leases import SqliteLeaseStore
+from tunnel.server.tls import cert_file_fingerprint, ensure_self_signed
 
 __all__ = ["COMMANDS", "default_config_path", "main"]
 

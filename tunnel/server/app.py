@@ -14,26 +14,20 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, serve
 
-from ..common.auth import derive_key
-from ..common.budget import LinkGroup
-from ..common.config import ServerConfig, load_server_config
-from ..common.credentials import generate_keypair, key_id
-from ..common.errors import ConfigError
-from ..common.frames import MAX_MESSAGE_SIZE
-from ..common.localfs import is_loopback
-from ..common.mux import GoAwayCode
-from ..common.portset import PortSet
-from ..common.runtime import limit_unsent
-from ..common.tls import (
-    cert_file_fingerprint,
-    check_private_file,
-    ensure_self_signed,
-    server_ssl_context,
-)
-from .acceptor import Acceptor
-from .control import HANDSHAKE_TIMEOUT, ControlHandler
-from .dashboard import Alerts, Dashboard, start_alerts, start_dashboard
-from .guard import (
+from tunnel.common.aio.budget import LinkGroup
+from tunnel.common.aio.runtime import limit_unsent
+from tunnel.common.config.credentials import generate_keypair, key_id
+from tunnel.common.config.localfs import is_loopback
+from tunnel.common.errors import ConfigError
+from tunnel.common.proto.auth import derive_key
+from tunnel.common.proto.frames import MAX_MESSAGE_SIZE
+from tunnel.common.proto.mux import GoAwayCode
+from tunnel.common.proto.portset import PortSet
+from tunnel.server.acceptor import Acceptor
+from tunnel.server.config import ServerConfig, load_server_config
+from tunnel.server.control import HANDSHAKE_TIMEOUT, ControlHandler
+from tunnel.server.dashboard import Alerts, Dashboard, start_alerts, start_dashboard
+from tunnel.server.guard import (
     MAX_VISITORS_PER_SOURCE,
     MAX_VISITORS_TOTAL,
     OpenRate,
@@ -41,12 +35,18 @@ from .guard import (
     PreAuthSlots,
     SourceSlots,
 )
-from .leases import LeaseBook, SqliteLeaseStore
-from .listeners import LISTEN_BACKLOG, bind_public_port
-from .monitor import Monitor
-from .preauth import preauth_connection
-from .registry import Registry
-from .stats import LinkCounters
+from tunnel.server.leases import LeaseBook, SqliteLeaseStore
+from tunnel.server.listeners import LISTEN_BACKLOG, bind_public_port
+from tunnel.server.monitor import Monitor
+from tunnel.server.preauth import preauth_connection
+from tunnel.server.registry import Registry
+from tunnel.server.stats import LinkCounters
+from tunnel.server.tls import (
+    cert_file_fingerprint,
+    check_private_file,
+    ensure_self_signed,
+    server_ssl_context,
+)
 
 __all__ = ["LEASE_DB_NAME", "RELOAD_POLL_INTERVAL", "SHUTDOWN_DRAIN_TIMEOUT", "Relay",
            "tls_dir"]

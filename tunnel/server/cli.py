@@ -13,14 +13,14 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
-from ..common.config import ServerConfig, load_server_config
-from ..common.errors import ConfigError
-from ..common.runtime import run, setup_logging
-from ..common.tls import TlsFilesError
-from . import admin
-from .app import Relay
-from .leases import LeaseStoreError
+from tunnel import __version__
+from tunnel.common.aio.runtime import run, setup_logging
+from tunnel.common.errors import ConfigError
+from tunnel.server import admin
+from tunnel.server.app import Relay
+from tunnel.server.config import ServerConfig, load_server_config
+from tunnel.server.leases import LeaseStoreError
+from tunnel.server.tls import TlsFilesError
 
 __all__ = ["EXIT_BIND", "EXIT_CONFIG", "main"]
 

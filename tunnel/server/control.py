@@ -20,23 +20,23 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from .. import __version__
-from ..common import messages as msg
-from ..common.auth import NONCE_SIZE, PROOF_SIZE, identify, login_message, new_nonce
-from ..common.credentials import verify
-from ..common.errors import ClaimRefused, RemoteProtocolError
-from ..common.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
-from ..common.link import Link, LinkClosed
-from ..common.mux import GoAwayCode, Mux, Role
-from ..common.telemetry_schema import normalize as normalize_telemetry
-from ..common.wsframing import framing_enabled, set_max_message_size, take_over
-from .guard import claim_refusal
-from .listeners import bind_public_port, port_is_free
-from .preauth import PreAuthConnection
-from .registry import REPLACEMENT_FLAG
+from tunnel import __version__
+from tunnel.common.aio.link import Link, LinkClosed
+from tunnel.common.aio.wsframing import framing_enabled, set_max_message_size, take_over
+from tunnel.common.config.credentials import verify
+from tunnel.common.errors import ClaimRefused, RemoteProtocolError
+from tunnel.common.proto import messages as msg
+from tunnel.common.proto.auth import NONCE_SIZE, PROOF_SIZE, identify, login_message, new_nonce
+from tunnel.common.proto.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
+from tunnel.common.proto.mux import GoAwayCode, Mux, Role
+from tunnel.common.proto.telemetry import normalize as normalize_telemetry
+from tunnel.server.guard import claim_refusal
+from tunnel.server.listeners import bind_public_port, port_is_free
+from tunnel.server.preauth import PreAuthConnection
+from tunnel.server.registry import REPLACEMENT_FLAG
 
 if TYPE_CHECKING:
-    from .app import Relay
+    from tunnel.server.app import Relay
 
 __all__ = ["AUTH_FAILED", "HANDSHAKE_TIMEOUT", "PRE_AUTH_MAX_MESSAGE", "ControlHandler"]
 

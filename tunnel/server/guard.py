@@ -13,8 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from ..common.config import DEFAULT_OPENS_PER_PORT, DEFAULT_OPENS_PER_SOURCE
-from ..common.ratelimit import TokenBucket
+from tunnel.common.proto.mux import TokenBucket
+from tunnel.server.config import DEFAULT_OPENS_PER_PORT, DEFAULT_OPENS_PER_SOURCE
 
 __all__ = [
     "FAILURES_BEFORE_PENALTY",

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal, Protocol, TypeGuard, get_args
 
 from tunnel.common.errors import ClaimRefused, TunnelError
-from tunnel.common.portset import MAX_PORT, MIN_PORT, PortSet
+from tunnel.common.proto.portset import MAX_PORT, MIN_PORT, PortSet
 
 __all__ = [
     "AUTO_LEASE_TTL",

@@ -13,12 +13,12 @@ import logging
 import socket
 import time
 
-from ..common.errors import LocalProtocolError
-from ..common.link import StreamSocket, abort_with_reset, reset_on_close
-from ..common.runtime import RateLimitedLogger
-from .acceptor import Acceptor, bind_listening
-from .guard import OpenRate, SourceSlots
-from .registry import TunnelRecord
+from tunnel.common.aio.link import StreamSocket, abort_with_reset, reset_on_close
+from tunnel.common.aio.runtime import RateLimitedLogger
+from tunnel.common.errors import LocalProtocolError
+from tunnel.server.acceptor import Acceptor, bind_listening
+from tunnel.server.guard import OpenRate, SourceSlots
+from tunnel.server.registry import TunnelRecord
 
 __all__ = ["LISTEN_BACKLOG", "VisitorGate", "VisitorSocket", "bind_public_port", "port_is_free"]
 

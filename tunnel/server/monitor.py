@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .history import HistoryStore, flush_interval
-from .registry import Registry
-from .stats import SAMPLE_INTERVAL, RateTracker
+from tunnel.server.history import HistoryStore, flush_interval
+from tunnel.server.registry import Registry
+from tunnel.server.stats import SAMPLE_INTERVAL, RateTracker
 
 __all__ = ["HISTORY_DB_NAME", "Monitor"]
 

@@ -6,7 +6,7 @@ and a flood from one address costs the relay no TLS handshakes beyond its 32 slo
 the event loop do TLS (``create_server(ssl=...)``) would run every handshake first: asyncio
 and uvloop only call the protocol after it, so 2000 connections from one address meant 2000
 handshakes before a single one could be refused. Here a connection that holds a slot gets
-our TLS layer (``tunnel/common/tlslayer.py``, which also keeps a link's TLS buffers small),
+our TLS layer (``tunnel/common/aio/tls.py``, which also keeps a link's TLS buffers small),
 and websockets sees the layer's transport once the handshake is done.
 """
 
@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection
 
-from ..common.link import abort_with_reset
-from ..common.tlslayer import start_tls
-from .guard import SourceSlots
-from .listeners import limited_log
+from tunnel.common.aio.link import abort_with_reset
+from tunnel.common.aio.tls import start_tls
+from tunnel.server.guard import SourceSlots
+from tunnel.server.listeners import limited_log
 
 __all__ = ["PreAuthConnection", "preauth_connection"]
 
@@ -63,7 +63,7 @@ class PreAuthConnection(ServerConnection):
                           context: ssl.SSLContext) -> None:
         """Put our TLS layer under websockets, before a byte of the connection is read.
 
-        The layer (``tunnel/common/tlslayer.py``) becomes the TCP transport's protocol right
+        The layer (``tunnel/common/aio/tls.py``) becomes the TCP transport's protocol right
         here in ``connection_made``, so the ClientHello reaches TLS whatever the loop does
         next (uvloop reads right after ``connection_made``), and websockets sees the layer's
         transport once the handshake is done, within ``tls_timeout``.

@@ -11,10 +11,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..common.link import Link, Traffic
+from tunnel.common.aio.link import Link, Traffic
 
 if TYPE_CHECKING:
-    from .listeners import VisitorSocket
+    from tunnel.server.listeners import VisitorSocket
 
 __all__ = [
     "REPLACEMENT_FLAG",

@@ -13,7 +13,7 @@ import socket
 
 import pytest
 
-from tunnel.common.runtime import RateLimitedLogger
+from tunnel.common.aio.runtime import RateLimitedLogger
 from tunnel.server.acceptor import Acceptor, bind_listening, log
 
 LOCAL = "127.0.0.1"

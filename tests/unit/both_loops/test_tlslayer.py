@@ -1,4 +1,4 @@
-"""The TLS layer (tunnel/common/tlslayer.py) over real loopback sockets, on asyncio and uvloop.
+"""The TLS layer (tunnel/common/aio/tls.py) over real loopback sockets, on asyncio and uvloop.
 
 What it must keep: every byte, in order, both ways, for buffered and plain protocols; a
 bounded amount of ciphertext inside OpenSSL's memory BIOs whatever the traffic (the reason
@@ -21,17 +21,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunnel.common.pinning import client_ssl_context
-from tunnel.common.tls import cert_file_fingerprint, generate_self_signed, server_ssl_context
-from tunnel.common.tlslayer import (
+from tunnel.common.aio.tls import (
     FEED_CHUNK,
     READ_CHUNK,
     READ_SQUEEZED,
     TLS_RECORD,
     TlsLayer,
+    client_ssl_context,
     records,
     start_tls,
 )
+from tunnel.server.tls import cert_file_fingerprint, generate_self_signed, server_ssl_context
 
 #: A record's ciphertext beyond its plaintext (header, tag, padding): generous.
 RECORD_OVERHEAD = 512

@@ -8,7 +8,7 @@ relay's registry and counters (see :mod:`.relayview` for exactly what they read)
 
 from __future__ import annotations
 
-from .alerts import Alerts, start_alerts
-from .server import Dashboard, start_dashboard
+from tunnel.server.dashboard.alerts import Alerts, start_alerts
+from tunnel.server.dashboard.server import Dashboard, start_dashboard
 
 __all__ = ["Alerts", "Dashboard", "start_alerts", "start_dashboard"]

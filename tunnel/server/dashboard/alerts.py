@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ... import __version__
-from ...common.config_dashboard import AlertSettings
-from .relayview import PresenceListener, RelayView
+from tunnel import __version__
+from tunnel.server.config_dashboard import AlertSettings
+from tunnel.server.dashboard.relayview import PresenceListener, RelayView
 
 __all__ = [
     "BACKOFF_BASE",

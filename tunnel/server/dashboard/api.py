@@ -14,11 +14,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .http import Request, Response, Router
-from .metrics import RelayMetrics
-from .relayview import RelayView
-from .static import StaticFiles
-from .views import client_detail, client_summary, connections, leases, status
+from tunnel.server.dashboard.http import Request, Response, Router
+from tunnel.server.dashboard.metrics import RelayMetrics
+from tunnel.server.dashboard.relayview import RelayView
+from tunnel.server.dashboard.static import StaticFiles
+from tunnel.server.dashboard.views import client_detail, client_summary, connections, leases, status
 
 __all__ = ["HEALTH_PATH", "JSON_TYPE", "MAX_HISTORY_HOURS", "Api", "json_response"]
 

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 from http import HTTPStatus
 
-from .httpmsg import (
+from tunnel.server.dashboard.httpmsg import (
     BODY_TIMEOUT,
     HEADER_TIMEOUT,
     KEEPALIVE_IDLE,
@@ -34,7 +34,7 @@ from .httpmsg import (
     Response,
     error_response,
 )
-from .httpwire import encode_response, read_request
+from tunnel.server.dashboard.httpwire import encode_response, read_request
 
 __all__ = [
     "BODY_TIMEOUT",

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from urllib.parse import parse_qsl
 
-from .httpmsg import HttpError, Limits, Request, Response
+from tunnel.server.dashboard.httpmsg import HttpError, Limits, Request, Response
 
 __all__ = ["encode_response", "read_request"]
 

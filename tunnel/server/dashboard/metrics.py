@@ -16,9 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ... import __version__
-from .relayview import ClientView, RelayView
-from .telemetry import clean_telemetry
+from tunnel import __version__
+from tunnel.server.dashboard.relayview import ClientView, RelayView
+from tunnel.server.dashboard.telemetry import clean_telemetry
 
 __all__ = ["RelayCollector", "RelayMetrics"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
-from ...common.config_dashboard import AlertSettings, DashboardSettings
+from tunnel.server.config_dashboard import AlertSettings, DashboardSettings
 
 __all__ = [
     "ClientView",

@@ -32,10 +32,10 @@ import secrets
 from dataclasses import dataclass
 from enum import Enum
 
-from ...common.config_dashboard import DashboardSettings
-from ...common.localfs import is_loopback
-from ..guard import Penalties
-from .http import Request, Response
+from tunnel.common.config.localfs import is_loopback
+from tunnel.server.config_dashboard import DashboardSettings
+from tunnel.server.dashboard.http import Request, Response
+from tunnel.server.guard import Penalties
 
 __all__ = [
     "CSRF_HEADER",

@@ -12,12 +12,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from ...common.config_dashboard import DashboardSettings
-from ..guard import Penalties
-from .api import HEALTH_PATH, Api, json_response
-from .http import HttpServer, Limits, Request, Response
-from .relayview import RelayView
-from .security import (
+from tunnel.server.config_dashboard import DashboardSettings
+from tunnel.server.dashboard.api import HEALTH_PATH, Api, json_response
+from tunnel.server.dashboard.http import HttpServer, Limits, Request, Response
+from tunnel.server.dashboard.relayview import RelayView
+from tunnel.server.dashboard.security import (
     SECURITY_HEADERS,
     Authenticator,
     AuthResult,
@@ -25,7 +24,8 @@ from .security import (
     csrf_problem,
     unauthorized,
 )
-from .static import StaticFiles
+from tunnel.server.dashboard.static import StaticFiles
+from tunnel.server.guard import Penalties
 
 __all__ = ["STATE_CHANGING_METHODS", "Dashboard", "start_dashboard"]
 

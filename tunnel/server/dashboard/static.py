@@ -11,7 +11,7 @@ import asyncio
 import re
 from pathlib import Path
 
-from .http import Response
+from tunnel.server.dashboard.http import Response
 
 __all__ = ["CONTENT_TYPES", "MAX_STATIC_BYTES", "STATIC_DIR", "StaticFiles"]
 

@@ -11,10 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ... import __version__
-from ..registry import REPLACEMENT_FLAG
-from .relayview import ClientView, LeaseView, RelayView, TrafficView, TunnelView
-from .telemetry import clean_telemetry, clean_text
+from tunnel import __version__
+from tunnel.server.dashboard.relayview import (
+    ClientView,
+    LeaseView,
+    RelayView,
+    TrafficView,
+    TunnelView,
+)
+from tunnel.server.dashboard.telemetry import clean_telemetry, clean_text
+from tunnel.server.registry import REPLACEMENT_FLAG
 
 __all__ = [
     "client_detail",

@@ -26,9 +26,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from tunnel.common.config.base import parse_fingerprint
 from tunnel.common.errors import ConfigError
-from tunnel.common.fingerprint import parse_fingerprint
-from tunnel.common.secret import Secret
+from tunnel.common.proto.secret import Secret
 
 __all__ = [
     "JOIN_PREFIX",
@@ -50,6 +50,7 @@ __all__ = [
     "sign",
     "verify",
 ]
+
 
 KEY_PREFIX = "ed25519:"
 JOIN_PREFIX = "tunnel1_"

@@ -20,8 +20,8 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import FrameError
-from .sizeclass import classed_join
+from tunnel.common.errors import FrameError
+from tunnel.common.proto.sizeclass import classed_join
 
 __all__ = [
     "HEADER",

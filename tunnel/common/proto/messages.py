@@ -12,7 +12,7 @@ import base64
 import binascii
 from typing import Any, Final
 
-from .errors import RemoteProtocolError
+from tunnel.common.errors import RemoteProtocolError
 
 __all__ = [
     "AUTH",
@@ -55,7 +55,7 @@ SCHEMAS: Final[dict[str, _Spec]] = {
     EXPOSED: {"id": (int,), "port": (int,), "mode": (str,)},
     EXPOSE_REFUSED: {"id": (int,), "port": _OPT_INT, "reason": (str,)},
     ERROR: {"message": (str,)},
-    TELEMETRY: {},  # every field optional; see tunnel.common.telemetry_schema.normalize
+    TELEMETRY: {},  # every field optional; see tunnel.common.proto.telemetry.normalize
 }
 
 MAX_TEXT = 1024  # longest string field accepted from a peer

@@ -30,15 +30,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tunnel.common.errors import ConfigError, TlsFilesError
-from tunnel.common.fingerprint import FINGERPRINT_PREFIX, parse_fingerprint
-from tunnel.common.pinning import (
+from tunnel.common.aio.tls import (
     MIN_TLS_VERSION,
     check_pin,
     client_ssl_context,
     spki_fingerprint,
     ssl_reason,
 )
+from tunnel.common.config.base import FINGERPRINT_PREFIX, parse_fingerprint
+from tunnel.common.errors import ConfigError, TlsFilesError
 
 __all__ = [
     "CERT_FILE",

@@ -36,8 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import LocalProtocolError, RemoteProtocolError
-from .frames import (
+from tunnel.common.errors import LocalProtocolError, RemoteProtocolError
+from tunnel.common.proto.frames import (
     MAX_CONTROL_PAYLOAD,
     MAX_DATA_PAYLOAD,
     MAX_OPEN_PAYLOAD,
@@ -50,8 +50,7 @@ from .frames import (
     encode_frame,
     iter_frames,
 )
-from .ratelimit import TokenBucket
-from .sizeclass import classed_join
+from tunnel.common.proto.sizeclass import classed_join
 
 __all__ = [
     "DEFAULT_MAX_STREAMS",
@@ -75,8 +74,35 @@ __all__ = [
     "StreamEnded",
     "StreamOpened",
     "StreamReset",
+    "TokenBucket",
     "WindowOpened",
 ]
+
+
+class TokenBucket:
+    """``rate`` events per second on average, bursts of up to ``burst`` events.
+
+    Refilled lazily from the time passed in, so it costs nothing while idle; a time that
+    does not move forward refills nothing.
+    """
+
+    __slots__ = ("_burst", "_rate", "_stamp", "_tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._stamp = now
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one."""
+        if now > self._stamp:
+            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+            self._stamp = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 #: Send window every stream starts with, on both sides (the wire spec fixes it).
 INITIAL_WINDOW = 1024 * 1024

@@ -20,30 +20,30 @@ from types import MappingProxyType
 from typing import Literal
 from urllib.parse import urlsplit
 
-from tunnel.common.config_dashboard import (
-    AlertSettings,
-    DashboardSettings,
-    parse_alerts,
-    parse_dashboard,
-)
-from tunnel.common.configbase import (
+from tunnel.common.config.base import (
     DEFAULT_PATH,
     MAX_TOKEN_FILE_BYTES,
     MIN_TOKEN_LENGTH,
     TOKEN_KEYS,
     ConfigContext,
+    child_path,
     describe_value,
     port_set,
     resolve_token,
     warn_if_readable,
 )
-from tunnel.common.credentials import parse_public_key, shown_name
+from tunnel.common.config.credentials import parse_public_key, shown_name
+from tunnel.common.config.yamlsafe import load_yaml_document_file
 from tunnel.common.errors import ConfigError
-from tunnel.common.frames import MAX_STREAMS_LIMIT
-from tunnel.common.keypath import child_path
-from tunnel.common.portset import MAX_PORT, PortSet
-from tunnel.common.secret import Secret
-from tunnel.common.yamlsafe import load_yaml_document_file
+from tunnel.common.proto.frames import MAX_STREAMS_LIMIT
+from tunnel.common.proto.portset import MAX_PORT, PortSet
+from tunnel.common.proto.secret import Secret
+from tunnel.server.config_dashboard import (
+    AlertSettings,
+    DashboardSettings,
+    parse_alerts,
+    parse_dashboard,
+)
 
 __all__ = [
     "CLIENT_NAME_PATTERN",

@@ -17,7 +17,7 @@ done (websockets keeps the handshake, its HTTP parsing and ``process_request``) 
   with the codes websockets used (1002 protocol error, 1007 bad UTF-8, 1009 too big), so
   peers see exactly what they saw before.
 
-It offers the small surface :class:`~tunnel.common.link.Link` uses: :meth:`recv`,
+It offers the small surface :class:`~tunnel.common.aio.link.Link` uses: :meth:`recv`,
 :meth:`send`, :meth:`close` and ``transport``. Received text messages are returned as
 ``str`` so the Link rejects them as it always did. ``TUNNEL_WS_FRAMING=0`` keeps the
 websockets connection for the whole link (a kill switch, and the bench's A/B baseline).
@@ -38,9 +38,9 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError, Conne
 from websockets.frames import Close
 from websockets.protocol import OPEN, Side
 
-from .budget import LinkGroup
-from .errors import RemoteProtocolError
-from .sizeclass import size_class
+from tunnel.common.aio.budget import LinkGroup
+from tunnel.common.errors import RemoteProtocolError
+from tunnel.common.proto.sizeclass import size_class
 
 _MaskFn = Callable[[bytes | bytearray | memoryview, bytes], bytes]
 _c_apply_mask: _MaskFn | None
@@ -66,7 +66,7 @@ __all__ = [
     "take_over",
 ]
 
-log = logging.getLogger("tunnel.common.wsframing")
+log = logging.getLogger("tunnel.common.aio.wsframing")
 
 OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
@@ -347,7 +347,7 @@ class WsFraming(asyncio.BufferedProtocol):
     # ------------------------------------------------------------ the relay's budget
 
     def join(self, group: LinkGroup) -> None:
-        """Count this link's unread messages in ``group`` (tunnel/common/budget.py)."""
+        """Count this link's unread messages in ``group`` (tunnel/common/aio/budget.py)."""
         self.group = group
         self._report()
 

@@ -22,8 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["CLASSED_MIN", "CLASSES_PER_DOUBLING", "CLASS_HEADROOM", "classed_join",
-           "size_class"]
+__all__ = [
+    "CLASSED_MIN",
+    "CLASSES_PER_DOUBLING",
+    "CLASS_HEADROOM",
+    "classed_join",
+    "size_class",
+]
+
 
 #: Blocks below this many bytes keep their exact size.
 CLASSED_MIN = 16 * 1024

@@ -27,10 +27,11 @@ from typing import Any, cast
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
-from .budget import LinkGroup
-from .errors import RemoteProtocolError
-from .frames import MAX_DATA_PAYLOAD
-from .mux import (
+from tunnel.common.aio.budget import READ_SIZE, LinkGroup, read_buffer
+from tunnel.common.aio.wsframing import WsFraming
+from tunnel.common.errors import RemoteProtocolError
+from tunnel.common.proto.frames import MAX_DATA_PAYLOAD
+from tunnel.common.proto.mux import (
     ControlReceived,
     DataReceived,
     Event,
@@ -45,8 +46,6 @@ from .mux import (
     StreamReset,
     WindowOpened,
 )
-from .readbuffer import READ_SIZE, read_buffer
-from .wsframing import WsFraming
 
 __all__ = [
     "LINK_HIGH_WATER",
@@ -486,7 +485,7 @@ class Link:
 
     def pause_all(self) -> None:
         """Stop reading every stream's socket: the link's queue is above ``LINK_CEILING``,
-        or above its fair share of its group's ceiling (tunnel/common/budget.py).
+        or above its fair share of its group's ceiling (tunnel/common/aio/budget.py).
 
         Each stream pauses itself after its read once the queue is above low water, but
         when many sockets are readable in one loop turn each still reads once (up to 256 KiB)

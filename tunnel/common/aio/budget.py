@@ -1,4 +1,4 @@
-"""Memory budgets shared by all the links of one relay.
+"""Memory budgets shared by all the links of one relay, and the per-thread read buffer.
 
 Each link bounds what it holds on its own (``LINK_CEILING`` for stream data waiting to be
 sent, ``RECV_HIGH_WATER`` for received messages waiting for the link's reader), and one
@@ -11,11 +11,29 @@ A :class:`LinkGroup` sums what its links hold. While a sum is above its ceiling,
 holding more than its fair share (ceiling / live links) stops reading; it starts again by
 its own rule, when what *it* holds drains, never when the others' does, so a link whose
 peer is slow can never keep the others paused.
+
+One read buffer per thread serves the protocols that are done with a read before they
+return (the TLS layer, stream sockets): reads then cost no allocation.
 """
 
 from __future__ import annotations
 
-__all__ = ["GROUP_CEILING", "GROUP_RECV_CEILING", "LinkGroup"]
+import threading
+
+__all__ = ["GROUP_CEILING", "GROUP_RECV_CEILING", "READ_SIZE", "LinkGroup", "read_buffer"]
+
+#: Bytes one read may take: what asyncio and uvloop read at once themselves.
+READ_SIZE = 256 * 1024
+
+_local = threading.local()
+
+
+def read_buffer() -> memoryview:
+    """This thread's read buffer (``READ_SIZE`` bytes)."""
+    view: memoryview | None = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(READ_SIZE))
+    return view
 
 #: Stream data queued to be sent, summed over a relay's links (see the module docstring).
 GROUP_CEILING = 16 * 1024 * 1024

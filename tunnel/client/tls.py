@@ -2,9 +2,9 @@
 
 websockets would let the event loop do TLS (``create_connection(ssl=...)``), whose memory BIOs
 keep a busy link's high-water mark for its life and, on a link that dies by heartbeat
-timeout, until the garbage collector finds it (``tunnel/common/tlslayer.py`` says more). So
+timeout, until the garbage collector finds it (``tunnel/common/aio/tls.py`` says more). So
 websockets is given the ``ws://`` form of the relay's URL with the same host and port, and
-the connection class puts :class:`~tunnel.common.tlslayer.TlsLayer` between the TCP
+the connection class puts :class:`~tunnel.common.aio.tls.TlsLayer` between the TCP
 connection and websockets before a byte is written; websockets' HTTP upgrade starts only
 after the TLS handshake and the pin check.
 """
@@ -18,8 +18,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection
 from websockets.uri import parse_uri
 
-from ..common.pinning import check_pin
-from ..common.tlslayer import TlsLayer, start_tls
+from tunnel.common.aio.tls import TlsLayer, check_pin, start_tls
 
 __all__ = ["tls_connection", "transport_url"]
 

@@ -15,9 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from tunnel.common.configbase import ConfigContext, describe_value, warn_if_readable
-from tunnel.common.keypath import child_path
-from tunnel.common.secret import Secret
+from tunnel.common.config.base import ConfigContext, child_path, describe_value, warn_if_readable
+from tunnel.common.proto.secret import Secret
 
 __all__ = [
     "DEFAULT_DASHBOARD_LISTEN",

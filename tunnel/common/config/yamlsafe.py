@@ -7,7 +7,7 @@ config file: it silently keeps the last of two duplicate keys, expands anchors a
 node tree and build plain Python objects ourselves, refusing each of those on the way.
 Scalars are still resolved by the SafeLoader's own resolver and constructors, so values mean
 exactly what they mean under ``yaml.safe_load`` (``on`` is ``True``, ``0x1F90`` is 8080); the
-type checks in :mod:`tunnel.common.config` then reject the type traps.
+type checks in :mod:`tunnel.server.config` then reject the type traps.
 
 While building, the line of every key path is recorded so later validation errors can point
 at the line the user has to edit.
@@ -26,8 +26,8 @@ from yaml.events import AliasEvent, NodeEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
+from tunnel.common.config.base import child_path, item_path
 from tunnel.common.errors import ConfigError
-from tunnel.common.keypath import child_path, item_path
 
 __all__ = [
     "MAX_CONFIG_BYTES",

@@ -20,7 +20,7 @@ import hmac
 import secrets
 from collections.abc import Mapping
 
-from .secret import Secret
+from tunnel.common.proto.secret import Secret
 
 __all__ = [
     "NONCE_SIZE",

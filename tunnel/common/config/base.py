@@ -16,23 +16,37 @@ from datetime import date
 from pathlib import Path
 
 from tunnel.common.errors import ConfigError
-from tunnel.common.keypath import child_path, item_path
-from tunnel.common.portset import MAX_PORT, MIN_PORT, PortSet
-from tunnel.common.secret import Secret, weakness
+from tunnel.common.proto.portset import MAX_PORT, MIN_PORT, PortSet
+from tunnel.common.proto.secret import Secret, weakness
 
 __all__ = [
     "DEFAULT_PATH",
+    "FINGERPRINT_PREFIX",
+    "MALFORMED_FINGERPRINT",
     "MAX_TOKEN_FILE_BYTES",
     "MIN_TOKEN_LENGTH",
     "PORT_EXPECTED",
     "TOKEN_KEYS",
     "ConfigContext",
+    "child_path",
     "describe_value",
+    "item_path",
+    "parse_fingerprint",
     "port_range",
     "port_set",
     "resolve_token",
     "warn_if_readable",
 ]
+
+
+def child_path(parent: str, key: str) -> str:
+    """The dotted key path of ``key`` inside the mapping at ``parent``."""
+    return f"{parent}.{key}" if parent else key
+
+
+def item_path(parent: str, index: int) -> str:
+    """The key path of item ``index`` of the sequence at ``parent``."""
+    return f"{parent}[{index}]"
 
 log = logging.getLogger("tunnel.config")
 
@@ -232,3 +246,24 @@ def resolve_token(ctx: ConfigContext, data: Mapping[str, object], key: str,
         raise ctx.error(sub, f"expected a string of at least {MIN_TOKEN_LENGTH} characters, "
                              f"got {describe_value(value, secret=True)}")
     return _check_token_length(ctx, value, sub, "the token")
+
+
+FINGERPRINT_PREFIX = "sha256:"
+MALFORMED_FINGERPRINT = "malformed fingerprint: expected sha256: followed by 64 hex digits"
+_FINGERPRINT_BODY = re.compile(r"[0-9a-f]{64}|[0-9a-f]{2}(?::[0-9a-f]{2}){31}")
+_MAX_FINGERPRINT_INPUT = len(FINGERPRINT_PREFIX) + 32 * 3
+
+
+def parse_fingerprint(text: str, source: str, key: str = "fingerprint") -> str:
+    """Normalize the spellings users paste (upper case, ``AA:BB:…``, no prefix) to one form.
+
+    Malformed input is not echoed: it may be long garbage, or something secret pasted into
+    the wrong field.
+    """
+    candidate = text.strip().lower() if isinstance(text, str) else ""
+    if len(candidate) > _MAX_FINGERPRINT_INPUT:
+        raise ConfigError(source, key, MALFORMED_FINGERPRINT)
+    candidate = candidate.removeprefix(FINGERPRINT_PREFIX)
+    if not _FINGERPRINT_BODY.fullmatch(candidate):
+        raise ConfigError(source, key, MALFORMED_FINGERPRINT)
+    return FINGERPRINT_PREFIX + candidate.replace(":", "")

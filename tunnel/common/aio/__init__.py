@@ -1,0 +1,1 @@
+"""The asyncio adapters: the link over a WebSocket, its framing and TLS, budgets, runtime."""

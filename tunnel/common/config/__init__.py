@@ -1,0 +1,1 @@
+"""Configuration both programs share: strict YAML, checks with key paths, private files."""

@@ -31,7 +31,6 @@ from tunnel.common.aio.wsframing import (
     WsFraming,
     apply_mask,
     encode_frame,
-    framing_enabled,
     take_over,
 )
 from tunnel.common.errors import RemoteProtocolError
@@ -420,13 +419,6 @@ async def test_send_waiting_on_a_lost_connection_raises() -> None:
     with pytest.raises(ConnectionClosed):
         async with asyncio.timeout(1):
             await sending
-
-
-def test_the_environment_switch() -> None:
-    assert framing_enabled({})
-    assert framing_enabled({"TUNNEL_WS_FRAMING": "1"})
-    assert not framing_enabled({"TUNNEL_WS_FRAMING": "0"})
-    assert not framing_enabled({"TUNNEL_WS_FRAMING": "off"})
 
 
 # ---------------------------------------------------------------- real sockets, real websockets

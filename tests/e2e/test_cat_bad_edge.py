@@ -1,4 +1,4 @@
-"""Reliability catalogue (../shared/design/reliability.md §2), section (d) bad input at the
+"""Reliability catalogue (docs/reliability.md §2), section (d) bad input at the
 edges, by id: open/reset floods (B-6), slowloris (B-8), idle floods (B-9), non-WebSocket
 garbage (B-10), config abuse (B-11) and port policy (B-12).
 

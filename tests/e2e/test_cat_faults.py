@@ -1,4 +1,4 @@
-"""Reliability catalogue (../shared/design/reliability.md §2), section (c) faults, by id.
+"""Reliability catalogue (docs/reliability.md §2), section (c) faults, by id.
 
 Plus F-4 (fairness on a saturated control link), which needs the same fault proxy. Every
 test runs the real programs on 127.0.0.1 (or in network namespaces it creates) and takes

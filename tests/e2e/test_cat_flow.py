@@ -1,4 +1,4 @@
-"""Reliability catalogue (../shared/design/reliability.md §2), section (b) flow control, by id.
+"""Reliability catalogue (docs/reliability.md §2), section (b) flow control, by id.
 
 Our stream window W is 1 MiB (``tunnel.common.proto.mux.INITIAL_WINDOW``), not the catalogue's
 256 KiB; every bound below is written in terms of our W. Bytes held by the kernel are read

@@ -1,4 +1,4 @@
-"""Reliability catalogue (../shared/design/reliability.md §2), section (a) data integrity, by id."""
+"""Reliability catalogue (docs/reliability.md §2), section (a) data integrity, by id."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reliability catalogue (../shared/design/reliability.md §2), section (f) load, by id.
+"""Reliability catalogue (docs/reliability.md §2), section (f) load, by id.
 
 Every test runs the real relay and client programs, moves checksummed bytes through them with
 the raw-socket load generator (tests/e2e/loadgen.py) and reads the programs' RSS and fd

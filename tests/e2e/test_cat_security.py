@@ -1,4 +1,4 @@
-"""Reliability catalogue (../shared/design/reliability.md §2), section (e) security, by id.
+"""Reliability catalogue (docs/reliability.md §2), section (e) security, by id.
 
 Most tests speak the link protocol by hand (a raw WebSocket peer): that is what an attacker
 does, and it lets a test say exactly which message was sent and what came back. Each test

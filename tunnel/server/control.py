@@ -147,7 +147,7 @@ class ControlHandler:
                 self.relay.penalties.failed(source)
             # A login that timed out or dropped guessed nothing: penalising it would lock a
             # whole lab behind one NAT address out after a slow moment (a relay busy with
-            # 200 logins at once timed some out and then refused the rest with 429s).
+            # a lab's logins at once times some out, L-3).
             await _close_quietly(link, CLOSE_AUTH_FAILED, "handshake failed")
             return None
         if name is None:

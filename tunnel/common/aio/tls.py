@@ -439,7 +439,7 @@ class TlsLayer(asyncio.BufferedProtocol):
             self.app_reading = True
             # TCP resumes in _resume, once what waits is taken: resumed here, uvloop read
             # before _resume ran, and when the protocol paused again first, reads piled up
-            # behind the backlog (L-3: ~1.3 MiB per link, outside every budget).
+            # behind the backlog (L-3), outside every budget.
             self._loop.call_soon(self._resume)  # what waits comes next turn, in order
 
     def close(self) -> None:

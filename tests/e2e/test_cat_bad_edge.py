@@ -676,7 +676,7 @@ async def test_B8_excess_is_refused_before_any_tls_work(tmp_path: Path, variant:
     """With TLS on, the cap applies at TCP accept, before the TLS handshake: 32 silent
     connections (no ClientHello) from one address hold its slots, and the 33rd is reset at
     once instead of costing the relay a handshake and waiting out its deadline. Plain ws://
-    has always counted from accept; TLS used to count only after the handshake."""
+    counts from accept as well, so TLS must not wait for the handshake to count."""
     (port,) = free_ports(1)
     _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
     source = "127.0.0.7"

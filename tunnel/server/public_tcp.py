@@ -51,6 +51,11 @@ class PublicTcp:
     def bound(self) -> Collection[int]:
         return self._bound.keys()
 
+    def serving(self, port: int) -> Tunnel | None:
+        """The tunnel whose visitors the listener on ``port`` admits, if it is bound."""
+        held = self._bound.get(port)
+        return held[1].tunnel if held is not None else None
+
     # ------------------------------------------------------------ claims
 
     async def claim(self, claim: Claim) -> Tunnel:

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -30,10 +29,9 @@ from tunnel.common.proto.auth import NONCE_SIZE, PROOF_SIZE, identify, login_mes
 from tunnel.common.proto.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from tunnel.common.proto.mux import GoAwayCode, Mux, Role
 from tunnel.common.proto.telemetry import normalize as normalize_telemetry
-from tunnel.server.guard import claim_refusal
-from tunnel.server.listeners import bind_public_port, port_is_free
 from tunnel.server.preauth import PreAuthConnection
 from tunnel.server.registry import REPLACEMENT_FLAG
+from tunnel.server.tunnels import Claim, TunnelKind
 
 if TYPE_CHECKING:
     from tunnel.server.app import Relay
@@ -269,10 +267,11 @@ class ControlHandler:
 
     async def _expose(self, link: Link, request: dict[str, Any]) -> None:
         tunnel_id, target, mode = request["id"], request["target"], request["mode"]
-        port = request["port"]
+        # Every expose on the wire today asks for a public TCP port.
+        claim = Claim(link.name, TunnelKind.PUBLIC_TCP, target, mode, request["port"])
         try:
             async with self._claim_lock:
-                bound = await self._claim(link.name, mode, port, target)
+                tunnel = await self.relay.bindings[claim.kind].claim(claim)
         except ClaimRefused as refused:
             link.log.warning("client %s: %s", link.name, refused)
             link.mux.send_control({"type": msg.EXPOSE_REFUSED, "id": tunnel_id,
@@ -281,64 +280,12 @@ class ControlHandler:
             return
         if self.relay.registry.clients[link.name].link is not link:
             return  # the link was replaced while we were binding
-        self.relay.registry.route(bound, link.name, link, tunnel_id, mode, target)
-        link.log.info("client %s: tunnel %s -> port %d (%s) live", link.name, target, bound, mode)
+        self.relay.registry.route(tunnel.key, link, tunnel_id)
+        bound = tunnel.port
+        link.log.info("client %s: tunnel %s -> port %s (%s) live", link.name, target, bound, mode)
         link.mux.send_control({"type": msg.EXPOSED, "id": tunnel_id, "port": bound,
                                "mode": mode})
         link.kick()
-
-    def _reserved_ports(self) -> dict[int, str]:
-        """The relay's own listening ports (as bound), which no tunnel may take."""
-        relay = self.relay
-        reserved: dict[int, str] = {}
-        if relay.dashboard is not None:
-            port = _url_port(relay.dashboard.url)
-            if port is not None:
-                reserved[port] = "dashboard"
-        port = _url_port(relay.url)
-        if port is not None:
-            reserved[port] = "control"
-        return reserved
-
-    async def _claim(self, name: str, mode: str, port: int | None, target: str) -> int:
-        relay = self.relay
-        host = relay.config.public_host
-        reserved = self._reserved_ports()
-        ranges = relay.config.ports.ranges
-        if mode == "fixed" and isinstance(port, int):
-            refusal = claim_refusal(port, ranges, reserved)
-            if refusal is not None:
-                raise ClaimRefused(port, refusal)
-            lease, created = relay.leases.claim_fixed(name, port, target)
-        elif mode == "auto":
-            def usable(candidate: int) -> bool:
-                if claim_refusal(candidate, ranges, reserved) is not None:
-                    return False
-                return candidate in relay.servers or port_is_free(host, candidate)
-            lease, created = relay.leases.claim_auto(name, target, usable)
-        else:
-            raise ClaimRefused(port, f"unknown mode {mode[:16]!r}: expected fixed or auto")
-        if lease.port in relay.servers:
-            return lease.port
-        record = relay.registry.reserve(lease.port, name, lease.kind, target)
-        try:
-            relay.servers[lease.port] = await bind_public_port(
-                host, lease.port, record, relay.visitor_slots, relay.open_rate)
-        except OSError as exc:
-            relay.registry.drop(lease.port)
-            if created:
-                relay.leases.release(lease.port)
-            raise ClaimRefused(lease.port, "already in use by another program on the relay"
-                               f" ({exc.strerror or exc})") from exc
-        return lease.port
-
-
-def _url_port(url: str) -> int | None:
-    try:
-        return urlsplit(url).port
-    except ValueError:
-        return None
-
 
 def _claimed_identity(message: dict[str, Any], name: str) -> str | None:
     """The other client a message names in an identity field, if any (truncated)."""

@@ -22,6 +22,10 @@ It offers the small surface :class:`~tunnel.common.aio.link.Link` uses: :meth:`r
 :meth:`send`, :meth:`close` and ``transport``. Received text messages are returned as
 ``str`` so the Link rejects them as it does under websockets. ``TUNNEL_WS_FRAMING=0`` keeps the
 websockets connection for the whole link (a kill switch, and the bench's A/B baseline).
+
+Taking over reads websockets' connection state (its parser and buffers, see
+:func:`_websockets_idle`), which is not public API: pyproject.toml allows only the websockets
+versions CI runs the link tests on (``.ci/run``: the lowest and the highest allowed).
 """
 
 from __future__ import annotations

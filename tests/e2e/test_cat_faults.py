@@ -185,9 +185,11 @@ async def test_R1_kill9_client_mid_transfer_resets_visitors_and_keeps_the_port(
     finally:
         await close_writer(writer)
     assert await assert_closed_quickly(port) in ("reset", "eof", "refused")
+    assert echo.connections == 1  # the visitor during the outage never reached the service
     restarted = await start_client(url, ALPHA_TOKEN, spec)
     assert await wait_tunnel(restarted, echo.target, timeout=3 + 2) == port
     await echo_check(port, MIB)
+    assert echo.connections == 2
     assert "already in use" not in restarted.stderr
 
 
@@ -504,7 +506,8 @@ async def test_R5_long_idle_stream_through_an_idle_killing_middlebox(
 @pytest.mark.timeout(600)
 async def test_R6_fixed_port_reclaimed_and_exclusive(tmp_path: Path, variant: Variant,
                                                      size: Size) -> None:
-    """Cycles (fast 10, full 100): owner A is killed at a random moment (sometimes with a
+    """First B claims A's port while A is online: refused, and A keeps serving. Then cycles
+    (fast 10, full 100): owner A is killed at a random moment (sometimes with a
     transfer running); while A is offline, B with valid credentials claims A's port and is
     refused (exit 3, "leased to another client") and a public client that connects
     meanwhile never reaches B (B's service sees 0 bytes, the visitor is reset at once); A
@@ -514,6 +517,14 @@ async def test_R6_fixed_port_reclaimed_and_exclusive(tmp_path: Path, variant: Va
     await service_b.start()
     (port,) = free_ports(1)
     server, url = await start_server(tmp_path, with_dashboard(server_config(tmp_path, [port])))
+    owner = await start_client(url, ALPHA_TOKEN, [f"{service_a.target}:fixed-{port}"])
+    assert await wait_tunnel(owner, service_a.target, mode="fixed") == port
+    intruder = await start_client(url, BETA_TOKEN, [f"{service_b.target}:fixed-{port}"])
+    assert await intruder.wait_exit() == 3  # refused while the owner is online, too
+    assert f"port {port} is leased to another client" in intruder.stderr
+    await echo_check(port, 64 * 1024)  # and the owner still serves it
+    assert service_a.connections == 1
+    await owner.kill9()
     rng = random.Random(6)
     for _ in range(size.pick(10, 100)):
         owner = await start_client(url, ALPHA_TOKEN, [f"{service_a.target}:fixed-{port}"])
@@ -578,9 +589,11 @@ async def test_R7_closed_target_resets_fast_logs_once_and_recovers(
     unreachable = [line for line in client.stderr_lines if "unreachable" in line]
     assert len(unreachable) == 1, unreachable
 
+    assert client.returncode is None  # an unreachable target never ends the client
     service = EchoService()
     await service.start(port=target_port)  # the service comes back
     await echo_check(port, MIB)
+    assert service.connections == 1 and client.returncode is None
 
 
 async def test_R7_blackholed_target_times_out_then_resets_and_logs_once(

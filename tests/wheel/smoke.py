@@ -245,24 +245,43 @@ def http_get(url: str, auth: str) -> tuple[int, str, bytes]:
         return exc.code, exc.headers.get("Content-Type", ""), b""
 
 
+#: Relative module specifiers in ``import ... from "./x.js"``, ``import "./x.js"`` and
+#: ``import("./x.js")``: the modules a script loads besides what index.html names.
+JS_IMPORT = re.compile(r"""\bimport\s*(?:\(\s*|[^"'()]*?\bfrom\s*|)["'](\.{1,2}/[^"']+)["']""")
+
+
+def module_imports(script_url: str, source: bytes) -> list[str]:
+    """The absolute URLs of the relative modules ``source`` imports."""
+    return [urljoin(script_url, spec) for spec in JS_IMPORT.findall(source.decode("utf-8"))]
+
+
 def check_status_page(base: str, username: str, password: str) -> list[str]:
-    """``/`` and every asset it names: 200 and the right content type. Returns the assets."""
+    """``/`` and every asset it loads (what index.html names, and the modules those scripts
+    import, transitively): 200 and the right content type. Returns the assets' URLs."""
     auth = base64.b64encode(f"{username}:{password}".encode()).decode()
     root = base.rstrip("/") + "/"
     status, ctype, body = http_get(root, auth)
-    check(status == 200, f"GET / answered {status}")
+    check(status == 200, f"GET / has status {status}")
     check(ctype == CONTENT_TYPES[".html"], f"GET / has Content-Type {ctype!r}")
     parser = AssetLinks()
     parser.feed(body.decode("utf-8"))
     check(bool(parser.urls), "index.html names no asset")
-    for url in parser.urls:
+    pending = [urljoin(root, url) for url in parser.urls]
+    seen: list[str] = []
+    while pending:
+        url = pending.pop(0)
+        if url in seen:
+            continue
+        seen.append(url)
         suffix = Path(urlsplit(url).path).suffix.lower()
         check(suffix in CONTENT_TYPES, f"{url}: no expected content type for {suffix!r}")
-        status, ctype, data = http_get(urljoin(root, url), auth)
-        check(status == 200, f"GET {url} answered {status}")
+        status, ctype, data = http_get(url, auth)
+        check(status == 200, f"GET {url} has status {status}")
         check(ctype == CONTENT_TYPES[suffix], f"GET {url} has Content-Type {ctype!r}")
         check(bool(data), f"GET {url} is empty")
-    return parser.urls
+        if suffix in (".js", ".mjs"):
+            pending += module_imports(url, data)
+    return seen
 
 
 # ----------------------------------------------------------------------------- the run

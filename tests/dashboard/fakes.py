@@ -73,7 +73,7 @@ class FakeClient:
 @dataclass
 class FakeRegistry:
     clients: dict[str, FakeClient] = field(default_factory=dict)
-    tunnels: dict[int, FakeTunnel] = field(default_factory=dict)
+    by_port: dict[int, FakeTunnel] = field(default_factory=dict)
 
 
 class FakeStats:
@@ -174,10 +174,10 @@ def sample_relay() -> FakeRelay:
     relay.registry.clients["beta"] = FakeClient("beta", None, offline_since=1050.0,
                                                 last_seen=1050.0)
     conn = FakeConnection("10.0.0.9:4444", 1180.0, 111, 222)
-    relay.registry.tunnels[6000] = FakeTunnel(
+    relay.registry.by_port[6000] = FakeTunnel(
         6000, "alpha", traffic=FakeTraffic(5000, 7000, 3, 1), link=link,
         connections={conn})
-    relay.registry.tunnels[6001] = FakeTunnel(6001, "beta", mode="auto",
+    relay.registry.by_port[6001] = FakeTunnel(6001, "beta", mode="auto",
                                               target="127.0.0.1:22")
     relay.leases.items = [FakeLease(6000, "alpha", "fixed", "127.0.0.1:8888", 900.0, 1190.0),
                           FakeLease(6001, "beta", "auto", "127.0.0.1:22", 800.0, 1050.0)]

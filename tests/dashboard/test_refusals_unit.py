@@ -14,8 +14,8 @@ from tunnel.server.dashboard.views import client_summary
 
 def test_refusals_show_per_tunnel_and_summed_per_client() -> None:
     relay = sample_relay()
-    relay.registry.tunnels[6000].streams_refused = 4
-    relay.registry.tunnels[6002] = FakeTunnel(6002, "alpha", streams_refused=3)
+    relay.registry.by_port[6000].streams_refused = 4
+    relay.registry.by_port[6002] = FakeTunnel(6002, "alpha", streams_refused=3)
     alpha = client_summary(relay, relay.registry.clients["alpha"], now=0.0)
     assert alpha["streams_refused"] == 7
     assert [t["streams_refused"] for t in alpha["tunnels"]] == [4, 3]
@@ -25,7 +25,7 @@ def test_refusals_show_per_tunnel_and_summed_per_client() -> None:
 
 def test_refusals_are_prometheus_counters() -> None:
     relay = sample_relay()
-    relay.registry.tunnels[6000].streams_refused = 4
+    relay.registry.by_port[6000].streams_refused = 4
     lines = RelayMetrics(relay, lambda: 1200.0).render().decode().splitlines()
     assert 'tunnel_client_streams_refused_total{client="alpha"} 4.0' in lines
     assert 'tunnel_client_streams_refused_total{client="beta"} 0.0' in lines

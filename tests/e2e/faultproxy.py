@@ -1,4 +1,4 @@
-"""An asyncio "toxiproxy" on 127.0.0.1 for link-fault tests (reliability.md section 3).
+"""An asyncio "toxiproxy" on 127.0.0.1 for link-fault tests (docs/reliability.md section 3).
 
 :class:`FaultProxy` forwards 127.0.0.1:``port`` to 127.0.0.1:``target_port``. Toxics can be
 switched on and off at runtime, per direction where that matters (``UP`` is client ->

@@ -1,4 +1,4 @@
-"""Reliability catalogue (../shared/design/reliability.md §2), section (d) bad input at the
+"""Reliability catalogue (docs/reliability.md §2), section (d) bad input at the
 edges, by id: open/reset floods (B-6), slowloris (B-8), idle floods (B-9), non-WebSocket
 garbage (B-10), config abuse (B-11) and port policy (B-12).
 
@@ -315,6 +315,10 @@ async def test_B12_port_policy_refuses_each_bad_forward_and_serves_the_others(
         assert await wait_tunnel(client, echo.target) == good3
         assert await client.wait_exit() == 3
         assert f"port {control} is the relay's control port" in client.stderr
+        client = await start_client(url, BETA_TOKEN, [f"127.0.0.1:9:fixed-{busy}"])
+        assert await client.wait_exit() == 3
+        assert f"port {busy}" in client.stderr, client.describe()
+        assert "in use by another program" in client.stderr, client.describe()
         for bad in ("0", "65536", "-1"):
             client = await start_client(url, BETA_TOKEN, [f"127.0.0.1:9:fixed-{bad}"])
             assert await client.wait_exit() == 2
@@ -676,7 +680,7 @@ async def test_B8_excess_is_refused_before_any_tls_work(tmp_path: Path, variant:
     """With TLS on, the cap applies at TCP accept, before the TLS handshake: 32 silent
     connections (no ClientHello) from one address hold its slots, and the 33rd is reset at
     once instead of costing the relay a handshake and waiting out its deadline. Plain ws://
-    has always counted from accept; TLS used to count only after the handshake."""
+    counts from accept as well, so TLS must not wait for the handshake to count."""
     (port,) = free_ports(1)
     _, url = await start_server(tmp_path, server_config(tmp_path, [port]))
     source = "127.0.0.7"

@@ -1,4 +1,4 @@
-"""Reliability catalogue (../shared/design/reliability.md §2), section (d) bad input, by id.
+"""Reliability catalogue (docs/reliability.md §2), section (d) bad input, by id.
 
 B-1, B-2, B-3, B-4, B-5, B-7 and I-5 (zero-length frames) live here; the live fuzzer is in
 tests/e2e/livefuzz.py. Hostile peers are raw WebSocket clients speaking the protocol by hand

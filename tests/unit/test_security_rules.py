@@ -1,4 +1,4 @@
-"""Unit tests of the security rules the S catalogue (reliability.md §2 (e)) relies on.
+"""Unit tests of the security rules the S catalogue (docs/reliability.md §2 (e)) relies on.
 
 Weak-token refusal (S-1), escaped display of rejected names (S-10), the identity check on
 client messages (S-6), and the dashboard's view of a flapping identity (S-7; the

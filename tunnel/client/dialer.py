@@ -19,8 +19,8 @@ closed, or ``SILENT_HOLD`` seconds pass, whichever comes first. An open/reset fl
 never send a byte, so each of their local connections keeps its slot until the socket is
 really closed: the local service sees at most ``MAX_PENDING_DIALS`` of them at once, however
 long the reset takes to cross the relay and the link (B-6), where releasing the slot at the
-connect bounded them only by the admitted open rate times that turnaround (69-77 on a busy
-machine). The hold is short so that silent visitors cannot lock the port: a browser's
+connect would bound them only by the admitted open rate times that turnaround. The hold is
+short so that silent visitors cannot lock the port: a browser's
 speculative connection or a protocol in which the server speaks first (SSH's banner is not
 enough: its client sends its own at once) holds a slot for 0.25 s at most, and 64 slots per
 0.25 s is 256 silent opens a second, above one source's admitted rate (200/s).

@@ -1,0 +1,1 @@
+"""The relay role (``tunnel-server``): public ports, client links, leases and the dashboard."""

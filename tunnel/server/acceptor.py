@@ -3,11 +3,11 @@
 ``loop.create_server`` builds a transport for every connection it accepts (and schedules
 its ``connection_made``) before the program can look at the peer. On a public port under
 an open/reset flood (reliability B-6) nearly every connection is refused at once, and that
-transport is pure cost: on the stock loop 63-78 us of CPU per refused connection against
-21-30 us for ``accept()`` and ``close()`` alone (uvloop: about 30 either way; a loopback
-connect/reset flood, ``python -m bench.accept_cost``). At 5000 opens/s that is a fifth of a
-CPU, and the longer loop turns delay the resets of the streams the relay did open, which is
-what decides how many connections the client's local service sees at once.
+transport is pure cost: on the stock loop it costs several times what ``accept()`` and
+``close()`` cost alone (``python -m bench.accept_cost``; figures in docs/benchmarks.md). At
+B-6's open rate that adds up to a real share of a CPU, and the longer loop turns delay the
+resets of the streams the relay did open, which is what decides how many connections the
+client's local service sees at once.
 
 So a public port accepts by itself: the listening socket is polled with ``add_reader``, at
 most ``ACCEPTS_PER_TURN`` connections are taken per turn (other work runs in between), and

@@ -23,7 +23,6 @@ from tunnel.common.proto.auth import derive_key
 from tunnel.common.proto.frames import MAX_MESSAGE_SIZE
 from tunnel.common.proto.mux import GoAwayCode
 from tunnel.common.proto.portset import PortSet
-from tunnel.server.acceptor import Acceptor
 from tunnel.server.config import ServerConfig, load_server_config
 from tunnel.server.control import HANDSHAKE_TIMEOUT, ControlHandler
 from tunnel.server.dashboard import Alerts, Dashboard, start_alerts, start_dashboard
@@ -36,9 +35,10 @@ from tunnel.server.guard import (
     SourceSlots,
 )
 from tunnel.server.leases import LeaseBook, SqliteLeaseStore
-from tunnel.server.listeners import LISTEN_BACKLOG, bind_public_port
+from tunnel.server.listeners import LISTEN_BACKLOG
 from tunnel.server.monitor import Monitor
 from tunnel.server.preauth import preauth_connection
+from tunnel.server.public_tcp import PublicTcp
 from tunnel.server.registry import Registry
 from tunnel.server.stats import LinkCounters
 from tunnel.server.tls import (
@@ -47,6 +47,7 @@ from tunnel.server.tls import (
     ensure_self_signed,
     server_ssl_context,
 )
+from tunnel.server.tunnels import Binding, TunnelKind
 
 __all__ = ["LEASE_DB_NAME", "RELOAD_POLL_INTERVAL", "SHUTDOWN_DRAIN_TIMEOUT", "Relay",
            "tls_dir"]
@@ -83,7 +84,10 @@ class Relay:
         self.open_rate = OpenRate(per_source=config.opens_per_source,
                                   per_port=config.opens_per_port)
         self.penalties = Penalties()
-        self.servers: dict[int, Acceptor] = {}
+        self.public_tcp = PublicTcp(self.registry, self.leases, config.public_host, config.ports,
+                                    self.reserved_ports, self.visitor_slots, self.open_rate)
+        #: One binding per kind: what an ``expose`` of that kind claims outside the registry.
+        self.bindings: dict[TunnelKind, Binding] = {TunnelKind.PUBLIC_TCP: self.public_tcp}
         self.background: set[asyncio.Task[None]] = set()
         self.control = ControlHandler(self)
         self._ws_server: Server | None = None
@@ -125,10 +129,23 @@ class Relay:
         scheme = "ws" if self.fingerprint is None and self.config.tls.mode == "off" else "wss"
         return f"{scheme}://{shown}:{port}{self.config.path}"
 
+    def reserved_ports(self) -> dict[int, str]:
+        """The relay's own listening ports (as bound), which no tunnel may take."""
+        reserved: dict[int, str] = {}
+        if self.dashboard is not None:
+            port = _url_port(self.dashboard.url)
+            if port is not None:
+                reserved[port] = "dashboard"
+        if self._ws_server is not None:
+            port = _url_port(self.url)
+            if port is not None:
+                reserved[port] = "control"
+        return reserved
+
     async def start(self) -> None:
         """Bind everything; raises TlsFilesError or OSError before accepting anyone."""
         ssl_context = self._tls_context()
-        await self._bind_leased_ports()
+        await self.public_tcp.restore(self.config.clients)
         self._ws_server = await serve(
             self.control, self.config.listen_host, self.config.listen_port,
             process_request=self.control.process_request,
@@ -169,15 +186,9 @@ class Relay:
 
     def release_lease(self, port: int) -> bool:
         """Admin action: forget a lease; the port is free for anyone allowed."""
-        lease = self.leases.release(port)
+        lease = self.public_tcp.release(port)
         if lease is None:
             return False
-        server = self.servers.pop(port, None)
-        if server is not None:
-            server.close()
-        record = self.registry.tunnels.pop(port, None)
-        for sock in list(record.connections) if record is not None else []:
-            sock.abort()
         log.info("port %d released by the admin (was client %s)", port, lease.client)
         return True
 
@@ -199,28 +210,6 @@ class Relay:
         context = server_ssl_context(cert, key)
         self.fingerprint = cert_file_fingerprint(cert)
         return context
-
-    async def _bind_leased_ports(self) -> None:
-        """Keep every leased port bound from the start, owner online or not."""
-        host = self.config.public_host
-        for lease in self.leases.leases():
-            if lease.client not in self.config.clients:
-                log.info("releasing port %d: client %s is no longer configured", lease.port,
-                         lease.client)
-                self.leases.release(lease.port)
-                continue
-            if lease.port not in self.config.ports:
-                log.warning("lease of port %d (client %s) is outside `ports`: not bound",
-                            lease.port, lease.client)
-                continue
-            record = self.registry.reserve(lease.port, lease.client, lease.kind, lease.target)
-            try:
-                self.servers[lease.port] = await bind_public_port(
-                    host, lease.port, record, self.visitor_slots, self.open_rate)
-            except OSError as exc:
-                log.warning("cannot bind leased port %d (client %s): %s", lease.port,
-                            lease.client, exc.strerror or exc)
-                self.registry.drop(lease.port)
 
     # ------------------------------------------------------------ reload
 
@@ -269,7 +258,8 @@ class Relay:
         for name in removed + changed:
             self._disconnect(name, "client removed" if name in removed else "client changed")
         for name in removed:
-            self._release_all(name)
+            for binding in self.bindings.values():
+                binding.release_client(name)
         self._watched = self._file_stamps()
         log.info("configuration reloaded: %d clients; removed: %s; changed: %s",
                  len(new.clients), ", ".join(removed) or "none", ", ".join(changed) or "none")
@@ -287,15 +277,6 @@ class Relay:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    def _release_all(self, name: str) -> None:
-        for lease in self.leases.leases_of(name):
-            self.leases.release(lease.port)
-            server = self.servers.pop(lease.port, None)
-            if server is not None:
-                server.close()
-            self.registry.drop(lease.port)
-            log.info("port %d released (client %s removed)", lease.port, name)
-
     async def stop(self, drain_timeout: float = SHUTDOWN_DRAIN_TIMEOUT) -> None:
         """Stop accepting, let open streams finish (bounded), then close every link."""
         if self.dashboard is not None:
@@ -304,8 +285,8 @@ class Relay:
             await self.alerts.stop()
         if self._ws_server is not None:
             self._ws_server.close(close_connections=False)
-        for server in self.servers.values():
-            server.close()
+        for binding in self.bindings.values():
+            binding.close()
         links = [c.link for c in self.registry.online() if c.link is not None]
         deadline = time.monotonic() + drain_timeout
         open_streams = sum(len(link.streams) for link in links)
@@ -347,3 +328,8 @@ def _is_wildcard(host: str) -> bool:
     return host in ("0.0.0.0", "::", "")
 
 
+def _url_port(url: str) -> int | None:
+    try:
+        return urlsplit(url).port
+    except ValueError:
+        return None

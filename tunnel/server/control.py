@@ -13,8 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -29,10 +28,9 @@ from tunnel.common.proto.auth import NONCE_SIZE, PROOF_SIZE, identify, login_mes
 from tunnel.common.proto.frames import MAX_MESSAGE_SIZE, PROTOCOL_VERSION
 from tunnel.common.proto.mux import GoAwayCode, Mux, Role
 from tunnel.common.proto.telemetry import normalize as normalize_telemetry
-from tunnel.server.guard import claim_refusal
-from tunnel.server.listeners import bind_public_port, port_is_free
 from tunnel.server.preauth import PreAuthConnection
-from tunnel.server.registry import REPLACEMENT_FLAG, TunnelMode
+from tunnel.server.registry import REPLACEMENT_FLAG
+from tunnel.server.tunnels import Claim, TunnelKind
 
 if TYPE_CHECKING:
     from tunnel.server.app import Relay
@@ -145,7 +143,7 @@ class ControlHandler:
                 self.relay.penalties.failed(source)
             # A login that timed out or dropped guessed nothing: penalising it would lock a
             # whole lab behind one NAT address out after a slow moment (a relay busy with
-            # 200 logins at once timed some out and then refused the rest with 429s).
+            # a lab's logins at once times some out, L-3).
             await link.close_websocket(CLOSE_AUTH_FAILED, "handshake failed")
             return None
         if name is None:
@@ -265,73 +263,23 @@ class ControlHandler:
         record.os = str(data.get("os") or "")
 
     async def _expose(self, link: Link, request: msg.Expose) -> None:
-        tunnel_id, target, mode, port = request.id, request.target, request.mode, request.port
+        tunnel_id, target, mode = request.id, request.target, request.mode
+        # Every expose on the wire today asks for a public TCP port.
+        claim = Claim(link.name, TunnelKind.PUBLIC_TCP, target, mode, request.port)
         try:
             async with self._claim_lock:
-                bound = await self._claim(link.name, mode, port, target)
+                tunnel = await self.relay.bindings[claim.kind].claim(claim)
         except ClaimRefused as refused:
             link.log.warning("client %s: %s", link.name, refused)
             link.send_control(msg.ExposeRefused(tunnel_id, refused.port, refused.reason))
             return
         if self.relay.registry.clients[link.name].link is not link:
             return  # the link was replaced while we were binding
-        # _claim refused every mode but these two, so the cast holds.
-        self.relay.registry.route(bound, link.name, link, tunnel_id, cast(TunnelMode, mode),
-                                  target)
+        self.relay.registry.route(tunnel.key, link, tunnel_id)
+        bound = tunnel.port
+        assert bound is not None, "a public TCP tunnel always has its port"
         link.log.info("client %s: tunnel %s -> port %d (%s) live", link.name, target, bound, mode)
         link.send_control(msg.Exposed(tunnel_id, bound, mode))
-
-    def _reserved_ports(self) -> dict[int, str]:
-        """The relay's own listening ports (as bound), which no tunnel may take."""
-        relay = self.relay
-        reserved: dict[int, str] = {}
-        if relay.dashboard is not None:
-            port = _url_port(relay.dashboard.url)
-            if port is not None:
-                reserved[port] = "dashboard"
-        port = _url_port(relay.url)
-        if port is not None:
-            reserved[port] = "control"
-        return reserved
-
-    async def _claim(self, name: str, mode: str, port: int | None, target: str) -> int:
-        relay = self.relay
-        host = relay.config.public_host
-        reserved = self._reserved_ports()
-        ranges = relay.config.ports.ranges
-        if mode == "fixed" and isinstance(port, int):
-            refusal = claim_refusal(port, ranges, reserved)
-            if refusal is not None:
-                raise ClaimRefused(port, refusal)
-            lease, created = relay.leases.claim_fixed(name, port, target)
-        elif mode == "auto":
-            def usable(candidate: int) -> bool:
-                if claim_refusal(candidate, ranges, reserved) is not None:
-                    return False
-                return candidate in relay.servers or port_is_free(host, candidate)
-            lease, created = relay.leases.claim_auto(name, target, usable)
-        else:
-            raise ClaimRefused(port, f"unknown mode {mode[:16]!r}: expected fixed or auto")
-        if lease.port in relay.servers:
-            return lease.port
-        record = relay.registry.reserve(lease.port, name, lease.kind, target)
-        try:
-            relay.servers[lease.port] = await bind_public_port(
-                host, lease.port, record, relay.visitor_slots, relay.open_rate)
-        except OSError as exc:
-            relay.registry.drop(lease.port)
-            if created:
-                relay.leases.release(lease.port)
-            raise ClaimRefused(lease.port, "already in use by another program on the relay"
-                               f" ({exc.strerror or exc})") from exc
-        return lease.port
-
-
-def _url_port(url: str) -> int | None:
-    try:
-        return urlsplit(url).port
-    except ValueError:
-        return None
 
 
 def _claimed_identity(message: dict[str, Any], name: str) -> str | None:

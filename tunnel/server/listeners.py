@@ -18,7 +18,7 @@ from tunnel.common.aio.runtime import RateLimitedLogger
 from tunnel.common.errors import LocalProtocolError
 from tunnel.server.acceptor import Acceptor, bind_listening
 from tunnel.server.guard import OpenRate, SourceSlots
-from tunnel.server.registry import TunnelRecord
+from tunnel.server.tunnels import Tunnel
 
 __all__ = ["LISTEN_BACKLOG", "VisitorGate", "VisitorSocket", "bind_public_port", "port_is_free"]
 
@@ -35,7 +35,7 @@ class VisitorSocket(StreamSocket):
     """A visitor's connection, admitted by :class:`VisitorGate`: opens a stream on the
     owner's live link once it is a transport."""
 
-    def __init__(self, tunnel: TunnelRecord, slots: SourceSlots, source: str,
+    def __init__(self, tunnel: Tunnel, slots: SourceSlots, source: str,
                  peer: str) -> None:
         super().__init__(traffic=tunnel.traffic)
         self.tunnel = tunnel
@@ -76,7 +76,7 @@ class VisitorSocket(StreamSocket):
         self.release_slot()
 
 
-def refuse(tunnel: TunnelRecord, why: str) -> None:
+def refuse(tunnel: Tunnel, why: str) -> None:
     """Count a refused visitor and say why (one line per port and interval)."""
     limited_log.warning("port %d: %s", tunnel.port, why, key=tunnel.port)
     tunnel.streams_refused += 1
@@ -96,8 +96,12 @@ class VisitorGate:
     :class:`VisitorSocket` holding a per-source slot.
     """
 
-    def __init__(self, tunnel: TunnelRecord, slots: SourceSlots,
+    def __init__(self, tunnel: Tunnel, slots: SourceSlots,
                  rate: OpenRate | None = None) -> None:
+        if tunnel.port is None:
+            raise ValueError(f"tunnel {tunnel.key} has no public port to guard")
+        self.port = tunnel.port
+        #: Whom admitted visitors reach; replaced when the port changes hands.
         self.tunnel = tunnel
         self.slots = slots
         self.rate = rate
@@ -117,9 +121,9 @@ class VisitorGate:
             self._refuse(conn, "visitor refused: reset before it was accepted")
             return
         address, source = f"{peer[0]}:{peer[1]}", str(peer[0])
-        if self.rate is not None and not self.rate.allow(tunnel.port, source):
+        if self.rate is not None and not self.rate.allow(self.port, source):
             # Checked before a stream exists: a refused open costs the owner's link nothing.
-            refused = self.rate.refused.get(tunnel.port, 0)
+            refused = self.rate.refused.get(self.port, 0)
             self._refuse(conn, f"visitor {address} refused: opening connections too fast "
                                f"({refused} refused on this port so far)")
             return
@@ -146,14 +150,10 @@ class VisitorGate:
             reset_socket(conn)
 
 
-async def bind_public_port(host: str, port: int, tunnel: TunnelRecord,
-                           slots: SourceSlots, rate: OpenRate | None = None) -> Acceptor:
-    """Bind ``port``; raises OSError when another program holds it.
-
-    ``rate`` caps how fast visitors may open connections (per source and per port).
-    """
-    socks = await bind_listening(host, port, LISTEN_BACKLOG)
-    return Acceptor(socks, VisitorGate(tunnel, slots, rate))
+async def bind_public_port(host: str, gate: VisitorGate) -> Acceptor:
+    """Bind ``gate.port`` for ``gate``; raises OSError when another program holds it."""
+    socks = await bind_listening(host, gate.port, LISTEN_BACKLOG)
+    return Acceptor(socks, gate)
 
 
 def port_is_free(host: str, port: int) -> bool:

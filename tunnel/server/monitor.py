@@ -52,7 +52,7 @@ class Monitor:
         """Read every counter once (cheap: a few integer reads per tunnel)."""
         per_client: dict[str, list[int]] = {name: [0, 0] for name in self.registry.clients}
         total = [0, 0]
-        for port, tunnel in self.registry.tunnels.items():
+        for port, tunnel in self.registry.by_port.items():
             bin_, bout = tunnel.traffic.bytes_in, tunnel.traffic.bytes_out
             self.stats.sample(("tunnel", port), bin_, bout)
             key = (tunnel.client, port)

@@ -8,20 +8,19 @@ event loop, so no locking is needed.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from types import MappingProxyType
+from typing import Any
 
-from tunnel.common.aio.link import Link, Traffic
-
-if TYPE_CHECKING:
-    from tunnel.server.listeners import VisitorSocket
+from tunnel.common.aio.link import Link
+from tunnel.server.tunnels import Tunnel, TunnelKey
 
 __all__ = [
     "REPLACEMENT_FLAG",
     "REPLACEMENT_WINDOW",
     "ClientRecord",
     "Registry",
-    "TunnelRecord",
 ]
 
 #: Replacements of one identity's live link within this many seconds are counted...
@@ -30,25 +29,6 @@ REPLACEMENT_WINDOW = 60.0
 REPLACEMENT_FLAG = 5
 #: Replacement times kept per identity; throttling keeps far fewer in any window.
 MAX_REPLACEMENTS_KEPT = 64
-
-TunnelMode = Literal["fixed", "auto"]
-
-
-@dataclass
-class TunnelRecord:
-    """One public port. It outlives links: while its owner is offline ``link`` is None."""
-
-    port: int
-    client: str
-    mode: TunnelMode
-    target: str
-    traffic: Traffic = field(default_factory=Traffic)
-    link: Link | None = None
-    tunnel_id: int = 0  # the owner's id for this tunnel on ``link``
-    connections: set[VisitorSocket] = field(default_factory=set)
-    #: Visitors reset at once instead of queued: the link's stream limit (F-5) or the
-    #: per-source cap was reached. Counted so an operator sees a client at its limit.
-    streams_refused: int = 0
 
 
 @dataclass
@@ -80,11 +60,18 @@ class ClientRecord:
 
 
 class Registry:
-    """Clients by name and tunnels by public port."""
+    """Clients by name and tunnels by identity, with public tunnels indexed by port.
+
+    Invariant: ``by_port`` holds exactly the tunnels of ``tunnels`` that have a port, and a
+    port belongs to at most one tunnel; placing a tunnel on a port another identity holds
+    (the port changed hands) evicts that one.
+    """
 
     def __init__(self) -> None:
         self.clients: dict[str, ClientRecord] = {}
-        self.tunnels: dict[int, TunnelRecord] = {}
+        self.tunnels: dict[TunnelKey, Tunnel] = {}
+        self._ports: dict[int, Tunnel] = {}
+        self.by_port: Mapping[int, Tunnel] = MappingProxyType(self._ports)
 
     def client(self, name: str) -> ClientRecord:
         record = self.clients.get(name)
@@ -122,24 +109,33 @@ class Registry:
         record.offline_since = now
         return True
 
-    def route(self, port: int, name: str, link: Link, tunnel_id: int, mode: TunnelMode,
-              target: str) -> TunnelRecord:
-        record = self.tunnels.get(port)
-        if record is None or record.client != name:
-            record = self.tunnels[port] = TunnelRecord(port, name, mode, target)
-        record.mode, record.target = mode, target
-        record.link, record.tunnel_id = link, tunnel_id
-        return record
+    def place(self, tunnel: Tunnel) -> Tunnel:
+        """The tunnel known under ``tunnel.key``, adding ``tunnel`` if none is.
 
-    def reserve(self, port: int, name: str, mode: TunnelMode, target: str) -> TunnelRecord:
-        """A leased port whose owner is not connected yet (relay start-up)."""
-        record = self.tunnels.get(port)
-        if record is None:
-            record = self.tunnels[port] = TunnelRecord(port, name, mode, target)
-        return record
+        A known tunnel is kept (with its counters and connections) and returned as it is.
+        """
+        known = self.tunnels.get(tunnel.key)
+        if known is not None:
+            return known
+        if tunnel.port is not None:
+            holder = self._ports.get(tunnel.port)
+            if holder is not None:
+                self.drop(holder.key)
+            self._ports[tunnel.port] = tunnel
+        self.tunnels[tunnel.key] = tunnel
+        return tunnel
 
-    def drop(self, port: int) -> None:
-        self.tunnels.pop(port, None)
+    def route(self, key: TunnelKey, link: Link, tunnel_id: int) -> Tunnel:
+        """Send the placed tunnel ``key``'s visitors over ``link`` as its tunnel ``tunnel_id``."""
+        tunnel = self.tunnels[key]
+        tunnel.link, tunnel.tunnel_id = link, tunnel_id
+        return tunnel
+
+    def drop(self, key: TunnelKey) -> Tunnel | None:
+        tunnel = self.tunnels.pop(key, None)
+        if tunnel is not None and tunnel.port is not None:
+            del self._ports[tunnel.port]
+        return tunnel
 
     def sync_clients(self, names: set[str]) -> None:
         """One record per configured client (so offline ones show too), none for others."""
@@ -149,13 +145,13 @@ class Registry:
             if name not in names and self.clients[name].link is None:
                 del self.clients[name]
 
-    def tunnels_of(self, name: str) -> list[TunnelRecord]:
+    def tunnels_of(self, name: str) -> list[Tunnel]:
         return [t for t in self.tunnels.values() if t.client == name]
 
     def online(self) -> list[ClientRecord]:
         return [c for c in self.clients.values() if c.link is not None]
 
     def _unroute(self, link: Link) -> None:
-        for record in self.tunnels.values():
-            if record.link is link:
-                record.link = None
+        for tunnel in self.tunnels.values():
+            if tunnel.link is link:
+                tunnel.link = None

@@ -4,8 +4,8 @@ Byte counters are updated as data flows (see ``link.Traffic``); this module only
 them every ``SAMPLE_INTERVAL`` so the status page can show a rate and an hour-long chart
 without touching the data path. Memory is bounded and constant: each key's series is a ring
 of ``SERIES_POINTS`` points in one array of doubles (17 KiB), allocated whole at its first
-point. A deque of tuples took ~104 KiB per key and grew for the first hour, which a soak
-(reliability L-5) reads as the relay's RSS creeping up.
+point, so a relay's memory does not grow for the first hour after start, which a soak
+(reliability L-5) would read as the relay's RSS creeping up.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Each link bounds what it holds on its own (``LINK_CEILING`` for stream data waiting to be
 sent, ``RECV_HIGH_WATER`` for received messages waiting for the link's reader), and one
 link alone stays far below the relay's memory. Two hundred links do not: in one event-loop
-turn each of them may read up to its own bound before any reader task runs, and the
-catalogue's L-3 (200 clients x 10 echo streams of 256 KiB) drove the relay's RSS up by
-~450 MiB that way, on both event loops, while every link stayed within its own limits.
+turn each of them may read up to its own bound before any reader task runs, so the sum of
+their bounds, not any one of them, sets the relay's memory under the catalogue's L-3 (200
+clients x 10 echo streams of 256 KiB), on both event loops (figures in docs/benchmarks.md).
 
 A :class:`LinkGroup` sums what its links hold. While a sum is above its ceiling, a link
 holding more than its fair share (ceiling / live links) stops reading; it starts again by
@@ -13,7 +13,9 @@ its own rule, when what *it* holds drains, never when the others' does, so a lin
 peer is slow can never keep the others paused.
 
 One read buffer per thread serves the protocols that are done with a read before they
-return (the TLS layer, stream sockets): reads then cost no allocation.
+return (the TLS layer feeds each read to OpenSSL, stream sockets copy each read out, both
+within ``buffer_updated``): the event loop never calls a read callback inside another one,
+so they can all share it, and reads then cost no allocation.
 """
 
 from __future__ import annotations

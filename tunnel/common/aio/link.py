@@ -64,7 +64,7 @@ LINK_LOW_WATER = LINK_HIGH_WATER // 4
 #: Above this, streams that have not read yet in this turn do not get to: with hundreds of
 #: readable sockets, one read each (up to 256 KiB) queued hundreds of MiB (L-1). Below it a
 #: turn lets every readable stream read once, which is what keeps a saturated link fair
-#: (F-4: pausing everyone already at LINK_HIGH_WATER starved 20 of 32 streams). Far above
+#: (F-4: pausing everyone already at LINK_HIGH_WATER starves most of the streams). Far above
 #: 32 streams x 256 KiB, so ordinary fan-outs never reach it.
 LINK_CEILING = 16 * 1024 * 1024
 #: A peer that lets this much pile up in our send buffer is not reading: drop it. Our own
@@ -75,7 +75,7 @@ LINK_WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 LINK_URGENT_LIMIT = 1024 * 1024
 WATCHDOG_INTERVAL = 0.5
 #: Most one read of a stream socket takes (into the thread's shared read buffer). Reading
-#: one frame (128 KiB) at a time instead cost 10 % more CPU per GiB (bench.profile).
+#: one frame (128 KiB) at a time instead costs more CPU per GiB (bench.profile).
 STREAM_READ_LIMIT = READ_SIZE
 #: ... while the relay's links together queue over half their budget (LinkGroup.squeezed).
 STREAM_READ_SQUEEZED = 16 * 1024
@@ -121,8 +121,8 @@ class StreamSocket(asyncio.BufferedProtocol):
     """Joins one multiplexed stream to one TCP connection.
 
     A buffered protocol so that we choose how much one read takes: the loop would read up
-    to 256 KiB from every ready socket in one turn, before any of them could be paused, and
-    2000 visitors sending at once put ~180 MiB in the relay's queues within a turn (L-3).
+    to 256 KiB from every ready socket in one turn, before any of them could be paused, so
+    thousands of visitors sending at once would fill the relay's queues within a turn (L-3).
     While the relay's links together queue over half their budget, a read takes
     ``STREAM_READ_SQUEEZED``.
     """
@@ -172,7 +172,7 @@ class StreamSocket(asyncio.BufferedProtocol):
             self.deliver(chunk)
         if early and self.link is not None:
             # Credit for the early bytes was queued outside the read loop: wake the writer,
-            # or the peer waits for the next unrelated frame (found by the bench: 5 s stalls).
+            # or the peer waits for the next unrelated frame (a stall of seconds).
             self.link.kick()
         if self._remote_eof:
             self._remote_eof = False
@@ -205,7 +205,7 @@ class StreamSocket(asyncio.BufferedProtocol):
         # Pause at the same mark at which paused streams resume (link_drained): with the
         # high-water mark here, streams that happened to be reading kept the queue between
         # the two marks, the link never drained to low water, and every stream paused
-        # meanwhile starved (F-4: 2 of 32 streams took 22x the share of the others).
+        # meanwhile starved (F-4).
         pending = link.note_queue()
         if self._backlog or pending > LINK_LOW_WATER:
             self._pause_reading(link)
@@ -284,8 +284,7 @@ class StreamSocket(asyncio.BufferedProtocol):
             self._maybe_send_fin()
             # Same bar as link_drained: resuming here at the high-water mark let the streams
             # that got credit back (the fastest ones) read again before the link drained for
-            # the others, and they took ever more of a saturated link (F-4: one of 32
-            # streams got 3x its fair share, another 14 %).
+            # the others, and they took ever more of a saturated link (F-4).
             if self._reading_paused and link.mux.pending_data_bytes <= LINK_LOW_WATER:
                 self._resume_reading()
 
@@ -570,7 +569,8 @@ class Link:
 
         Each stream pauses itself after its read once the queue is above low water, but
         when many sockets are readable in one loop turn each still reads once (up to 256 KiB)
-        before its own check: 1000 visitors queued ~250 MiB in the relay (reliability L-1).
+        before its own check, so a thousand visitors (reliability L-1) would queue hundreds
+        of MiB in the relay.
         Pausing them all here also covers the readable ones still due this turn: the loop
         skips a reader removed meanwhile. They resume together at low water.
 

@@ -1,13 +1,12 @@
-"""TLS between a TCP transport and a protocol, with buffers that stay small for the link's life.
+"""The link's TLS on both sides: a TLS layer over a TCP transport, the client context, pins.
 
+The layer (:class:`TlsLayer`, :func:`start_tls`) keeps its buffers small for the link's life.
 Why not the event loop's own TLS (``create_server(ssl=...)``, ``connect_accepted_socket``,
 ``create_connection(ssl=...)``): asyncio's and uvloop's SSL protocols run OpenSSL through
 memory BIOs that take a whole ``writelines`` (up to a 512 KiB message) or a 256 KiB socket read
-at a time, and an OpenSSL memory BIO never shrinks: each busy link kept its high-water mark,
-~0.5-1.3 MiB, for as long as it lived, and 200 busy links held ~250 MiB that the plain relay
-does not (L-3). Measured in one process, 100 TLS connections after a 4 MiB burst each: the
-loop's layer kept +555 KiB per connection for writes and +587 KiB for reads; this layer keeps
-a few KiB.
+at a time, and an OpenSSL memory BIO never shrinks: each busy link would keep its high-water
+mark for as long as it lives, a cost the plain relay does not have (L-3; the figures are in
+docs/benchmarks.md).
 
 Here every write is encrypted one TLS record (16 KiB) at a time and each record's ciphertext
 is taken out at once, so the outgoing BIO never holds more than a record; the write's
@@ -20,6 +19,16 @@ incoming BIO never holds more than one chunk.
 The layer is the TCP transport's protocol; the protocol above sees a :class:`TlsTransport`.
 Closing sends ``close_notify`` and closes TCP without waiting for the peer's (TLS 1.3 allows
 it, and the link's own closing handshake has already run by then).
+
+The client's side (:func:`client_ssl_context`, :func:`check_pin`) lives here, away from
+:mod:`tunnel.server.tls` (certificate generation, the relay's context), so that a client never
+imports ``cryptography.x509``, whose import is a large share of a client's start and is paid
+once per program by a lab that starts many clients at once (L-3). The pin only needs the
+certificate's SubjectPublicKeyInfo, which :func:`spki_der` cuts out of the DER bytes with a
+strict, position-based walk (no search, so nothing elsewhere in a certificate can pose as its
+key). The walk reads a certificate the TLS library has already parsed and whose key has just
+signed the handshake, so it needs no tolerance: anything but definite-length DER in the
+RFC 5280 order is a ``ValueError``, which :func:`check_pin` reports as a mismatch.
 """
 
 from __future__ import annotations
@@ -430,7 +439,7 @@ class TlsLayer(asyncio.BufferedProtocol):
             self.app_reading = True
             # TCP resumes in _resume, once what waits is taken: resumed here, uvloop read
             # before _resume ran, and when the protocol paused again first, reads piled up
-            # behind the backlog (L-3: ~1.3 MiB per link, outside every budget).
+            # behind the backlog (L-3), outside every budget.
             self._loop.call_soon(self._resume)  # what waits comes next turn, in order
 
     def close(self) -> None:

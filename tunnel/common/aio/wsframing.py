@@ -1,8 +1,9 @@
 """Our own RFC 6455 framing for a link, after websockets did the opening handshake.
 
-Why: py-spy showed about half of the tunnel's user time in the ``websockets`` library's
-framing and copies (``StreamReader.feed_data``/``read_exact`` copy every received byte into a
-bytearray and slice it out again; ``send_data`` builds every frame by concatenation). This
+Why: the ``websockets`` library's framing and copies are a large share of the tunnel's CPU
+(``StreamReader.feed_data``/``read_exact`` copy every received byte into a bytearray and
+slice it out again; ``send_data`` builds every frame by concatenation; profile in
+docs/benchmarks.md). This
 module is an ``asyncio.Protocol`` that takes over the transport once the HTTP upgrade is
 done (websockets keeps the handshake, its HTTP parsing and ``process_request``) and then:
 
@@ -14,12 +15,16 @@ done (websockets keeps the handshake, its HTTP parsing and ``process_request``) 
   transport when the Link lags, and waits in :meth:`send` only while the transport says
   its buffer is full (``pause_writing``/``resume_writing``);
 * answers Ping with Pong, runs the closing handshake both ways, and fails the connection
-  with the codes websockets used (1002 protocol error, 1007 bad UTF-8, 1009 too big), so
-  peers see exactly what they saw before.
+  with the codes websockets uses (1002 protocol error, 1007 bad UTF-8, 1009 too big), so
+  peers see the same closes whichever framing runs.
 
 It offers the small surface :class:`~tunnel.common.aio.link.Link` uses: :meth:`recv`,
 :meth:`send`, :meth:`close` and ``transport``. Received text messages are returned as
-``str`` so the Link rejects them as it always did.
+``str`` so the Link rejects them as it does under websockets.
+
+Taking over reads websockets' connection state (its parser and buffers, see
+:func:`_websockets_idle`), which is not public API: pyproject.toml allows only the websockets
+versions CI runs the link tests on (``.ci/run``: the lowest and the highest allowed).
 """
 
 from __future__ import annotations
@@ -128,8 +133,8 @@ def unmask_in_place(buf: bytearray | memoryview, mask: bytes) -> None:
     """Unmask a payload we read into a buffer of our own, ``UNMASK_STEP`` at a time.
 
     A relay receives every client frame masked; unmasking a 512 KiB message into a new copy
-    held both for a moment, on each of 200 busy links at once (L-3: ~40 MiB of copies at
-    the relay's peak). The mask repeats every 4 bytes and each step is a multiple of 4.
+    would hold both for a moment, on each of 200 busy links at once (L-3), which adds to the
+    relay's peak. The mask repeats every 4 bytes and each step is a multiple of 4.
     """
     view = memoryview(buf)
     for pos in range(0, len(buf), UNMASK_STEP):

@@ -1,1 +1,1 @@
-"""Configuration both programs share: strict YAML, checks with key paths, private files."""
+"""Configuration both programs share: strict YAML, checks with key paths, keys, private files."""

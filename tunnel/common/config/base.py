@@ -1,8 +1,12 @@
-"""Shared pieces of config validation: value names, error context, ports and tokens.
+"""Shared pieces of config validation: value names, key paths, ports, tokens, fingerprints.
 
 Both the relay's config and the client's settings file are edited by hand; they share one
 way of naming values in errors (``boolean true``, ``string "08080"``), one error context
-(file, key path, line) and the same rules for ports and tokens.
+(file, dotted key path such as ``clients.alice.ports[2]``, line) and the same rules for
+ports, tokens and certificate fingerprints (``sha256:`` and 64 hex digits).
+
+This module imports neither PyYAML nor ``ssl``: checks of flags alone (a client started
+without ``--config``) and the join-string codec use it without loading either.
 """
 
 from __future__ import annotations

@@ -58,9 +58,9 @@ MAX_MESSAGE_SIZE = 4 * (MAX_DATA_PAYLOAD + HEADER_SIZE)
 #: Largest message we build (we accept up to ``MAX_MESSAGE_SIZE``, as earlier versions
 #: sent): one full DATA frame, or several smaller frames together. A receiver holds a
 #: message's whole buffer from its first byte until its last, so on a relay with 200 busy
-#: links four full frames per message meant ~100 MiB more at the peak (L-3 with TLS: 244
-#: MiB of growth, 139 MiB with this cap), and batching full frames saved no measurable CPU
-#: (``python -m bench.profile``: 2.80 vs 2.80 CPU-s/GiB with TLS).
+#: links (L-3) four full frames per message multiply the peak memory of messages in flight,
+#: while batching full frames saves no measurable CPU (``python -m bench.profile``; figures
+#: in docs/benchmarks.md).
 SEND_MESSAGE_SIZE = MAX_DATA_PAYLOAD + HEADER_SIZE
 #: Most concurrent streams a link may be configured for (either side caps what it is told).
 MAX_STREAMS_LIMIT = 65_536

@@ -1,5 +1,8 @@
 """Sans-I/O stream multiplexer: the stream table, credit windows and limits of one link.
 
+Also home of :class:`TokenBucket`, the one rate limiter behind the mux's flood limits and
+the relay's open limits.
+
 No sockets, no event loop, no clock. The I/O layer feeds each received link message to
 :meth:`Mux.receive` and gets back a list of events; it calls :meth:`Mux.send_data`,
 :meth:`Mux.send_eof`, :meth:`Mux.reset` and :meth:`Mux.consumed` as its sockets produce and
@@ -22,8 +25,8 @@ a stream reset by either side, beyond what the peer may still have had in flight
 
 RESET goes out ahead of queued DATA (control frames first), so a reset drops the stream's
 DATA still queued here: sent behind the RESET, it would reach a peer that already forgot
-the stream (F-5: 256 visitors leaving at once put over 100 such frames on the wire, and the
-client closed the link for stray data).
+the stream and count against its stray-data limit (F-5: hundreds of visitors leaving at
+once must not make the client close the link for stray data).
 """
 
 from __future__ import annotations

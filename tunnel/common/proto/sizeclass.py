@@ -5,8 +5,8 @@ joined into link messages, and every large link message is read into a buffer of
 Sized exactly, those blocks take any size from a few KiB to a frame and more, and glibc's
 heap fragments under them: a freed 100 KiB hole cannot hold the next 120 KiB block, so the
 heap grows, and a long-lived allocation landing above the holes keeps it from shrinking.
-The nightly soak (reliability L-5) measured this as RSS creeping up by 1.5-3 MiB/h on the
-uvloop TLS client, against a bound of 2.
+The nightly soak (reliability L-5) reads this as RSS creeping up, beyond its bound, on the
+uvloop TLS client (figures in docs/benchmarks.md).
 
 Rounding each such block up to one of four classes per doubling (as jemalloc does) keeps
 the set of sizes small, so a block freed is the right size for a later one; the waste is

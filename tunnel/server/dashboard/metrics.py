@@ -77,7 +77,7 @@ class RelayCollector(Collector):
                                       "reset at once because the client's stream limit or "
                                       "the per-source cap was reached", labels=["client"])
         totals: dict[str, list[int]] = {name: [0, 0, 0] for name in self._relay.registry.clients}
-        for tunnel in self._relay.registry.tunnels.values():
+        for tunnel in self._relay.registry.by_port.values():
             sums = totals.setdefault(tunnel.client, [0, 0, 0])
             sums[0] += tunnel.traffic.bytes_in
             sums[1] += tunnel.traffic.bytes_out
@@ -107,7 +107,7 @@ class RelayCollector(Collector):
         refused = CounterMetricFamily("tunnel_tunnel_streams_refused", "visitor connections "
                                       "reset at once (stream limit or per-source cap)",
                                       labels=labels)
-        for port, tunnel in sorted(self._relay.registry.tunnels.items()):
+        for port, tunnel in sorted(self._relay.registry.by_port.items()):
             values = [tunnel.client, str(port)]
             b_in.add_metric(values, tunnel.traffic.bytes_in)
             b_out.add_metric(values, tunnel.traffic.bytes_out)

@@ -67,8 +67,8 @@ class ConnectionView(Protocol):
 
 
 class TunnelView(Protocol):
-    @property
-    def port(self) -> int: ...
+    """One tunnel; the dashboard shows the public ones, which its registry view gives by port."""
+
     @property
     def client(self) -> str: ...
     @property
@@ -116,8 +116,9 @@ class ClientView(Protocol):
 class RegistryView(Protocol):
     @property
     def clients(self) -> Mapping[str, ClientView]: ...
+    #: The tunnels with a public port, by port: the ones the dashboard shows.
     @property
-    def tunnels(self) -> Mapping[int, TunnelView]: ...
+    def by_port(self) -> Mapping[int, TunnelView]: ...
 
 
 class StatsView(Protocol):

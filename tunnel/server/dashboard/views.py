@@ -45,21 +45,22 @@ def _bytes(traffic: Iterable[TrafficView]) -> Json:
     return {"in": total_in, "out": total_out}
 
 
-def tunnels_of(relay: RelayView, name: str) -> list[TunnelView]:
-    return sorted((t for t in relay.registry.tunnels.values() if t.client == name),
-                  key=lambda t: t.port)
+def tunnels_of(relay: RelayView, name: str) -> list[tuple[int, TunnelView]]:
+    """The client's public tunnels as (port, tunnel), by port."""
+    return sorted((item for item in relay.registry.by_port.items() if item[1].client == name),
+                  key=lambda item: item[0])
 
 
-def _tunnel(relay: RelayView, tunnel: TunnelView) -> Json:
+def _tunnel(relay: RelayView, port: int, tunnel: TunnelView) -> Json:
     return {
-        "port": tunnel.port,
+        "port": port,
         "mode": tunnel.mode,
         "target": clean_text(tunnel.target),
         "online": tunnel.link is not None,
         "connections": len(tunnel.connections),
         "streams_refused": tunnel.streams_refused,
         "traffic": _bytes([tunnel.traffic]),
-        "rate": _pair(relay.stats.rate(("tunnel", tunnel.port))),
+        "rate": _pair(relay.stats.rate(("tunnel", port))),
     }
 
 
@@ -84,21 +85,21 @@ def client_summary(relay: RelayView, client: ClientView, now: float) -> Json:
         "hostname": clean_text(client.hostname) or None,
         "os": clean_text(client.os) or None,
         "rtt_ms": round(rtt * 1000.0, 3) if rtt is not None else None,
-        "traffic": _bytes(t.traffic for t in tunnels),
-        "streams_refused": sum(t.streams_refused for t in tunnels),
+        "traffic": _bytes(t.traffic for _, t in tunnels),
+        "streams_refused": sum(t.streams_refused for _, t in tunnels),
         "rate": _pair(relay.stats.rate(("client", client.name))),
-        "tunnels": [_tunnel(relay, t) for t in tunnels],
+        "tunnels": [_tunnel(relay, port, t) for port, t in tunnels],
         "telemetry": clean_telemetry(client.telemetry, client.telemetry_at),
     }
 
 
-def _connections(tunnels: Iterable[TunnelView], now: float) -> list[Json]:
+def _connections(tunnels: Iterable[tuple[int, TunnelView]], now: float) -> list[Json]:
     rows: list[Json] = []
-    for tunnel in tunnels:
+    for port, tunnel in tunnels:
         for conn in tunnel.connections:
             rows.append({
                 "client": tunnel.client,
-                "port": tunnel.port,
+                "port": port,
                 "peer": clean_text(conn.peer),
                 "opened": conn.opened,
                 "duration": max(0.0, now - conn.opened),
@@ -118,7 +119,7 @@ def client_detail(relay: RelayView, client: ClientView, now: float) -> Json:
 
 
 def connections(relay: RelayView, now: float) -> list[Json]:
-    return _connections(relay.registry.tunnels.values(), now)
+    return _connections(relay.registry.by_port.items(), now)
 
 
 def _lease(relay: RelayView, lease: LeaseView) -> Json:
@@ -140,7 +141,7 @@ def leases(relay: RelayView) -> list[Json]:
 def status(relay: RelayView, now: float) -> Json:
     clients = relay.registry.clients.values()
     online = sum(1 for c in clients if c.link is not None)
-    tunnels = relay.registry.tunnels.values()
+    tunnels = relay.registry.by_port.values()
     return {
         "version": __version__,
         "uptime": max(0.0, now - relay.started),

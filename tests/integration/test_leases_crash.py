@@ -1,0 +1,28 @@
+"""The lease store's durability against a real crash: a put is on disk the moment it
+returns, so a relay killed with SIGKILL right after it loses nothing (the store itself is
+tested in-process in tests/unit/test_leases.py)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tunnel.server.leases import Lease, SqliteLeaseStore
+
+
+def test_a_put_survives_kill_9_right_after_it(tmp_path: Path) -> None:
+    path = tmp_path / "leases.db"
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from tunnel.server.leases import Lease, SqliteLeaseStore\n"
+        "store = SqliteLeaseStore(Path(sys.argv[1]))\n"
+        "store.put(Lease(6000, 'alice', 'fixed', '127.0.0.1:22', 1.0, 1.0))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(path)], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    with SqliteLeaseStore(path) as store:
+        assert store.load() == [Lease(6000, "alice", "fixed", "127.0.0.1:22", 1.0, 1.0)]

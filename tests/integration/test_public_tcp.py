@@ -1,0 +1,115 @@
+"""The PUBLIC_TCP binding over real sockets: leases become bound ports, and back.
+
+The lease book runs over a memory store and a hand-moved clock; only the ports are real
+(127.0.0.1, taken from the test port pool, never fixed numbers).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tests.e2e.ports import free_ports
+from tunnel.common.errors import ClaimRefused
+from tunnel.common.proto.portset import PortSet
+from tunnel.server.guard import SourceSlots
+from tunnel.server.leases import LeaseBook, MemoryLeaseStore
+from tunnel.server.public_tcp import PublicTcp
+from tunnel.server.registry import Registry
+from tunnel.server.tunnels import Claim, TunnelKind, TunnelState
+
+HOST = "127.0.0.1"
+TTL = 100.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def binding(ports: PortSet, book: LeaseBook, registry: Registry) -> PublicTcp:
+    return PublicTcp(registry, book, HOST, ports, dict, SourceSlots(8, 64), None)
+
+
+def auto(client: str, target: str = "127.0.0.1:80") -> Claim:
+    return Claim(client, TunnelKind.PUBLIC_TCP, target, "auto", None)
+
+
+def is_bound(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+async def test_a_claim_binds_its_port_and_a_release_frees_it() -> None:
+    (port,) = free_ports(1)
+    registry, clock = Registry(), Clock()
+    public = binding(PortSet.of(port), LeaseBook(MemoryLeaseStore(), PortSet.of(port),
+                                                 lambda _: PortSet.of(port), clock=clock),
+                     registry)
+    tunnel = await public.claim(auto("alpha"))
+    try:
+        assert (tunnel.port, tunnel.state, tunnel.mode) == (port, TunnelState.WAITING, "auto")
+        assert registry.by_port[port] is tunnel and public.serving(port) is tunnel
+        assert is_bound(port)
+    finally:
+        assert public.release(port) is not None
+    assert not is_bound(port)
+    assert dict(registry.by_port) == {} and public.serving(port) is None
+
+
+async def test_a_port_that_changes_hands_admits_visitors_to_its_new_owner() -> None:
+    (port,) = free_ports(1)
+    registry, clock = Registry(), Clock()
+    book = LeaseBook(MemoryLeaseStore(), PortSet.of(port), lambda _: PortSet.of(port),
+                     clock=clock, auto_ttl=TTL)
+    public = binding(PortSet.of(port), book, registry)
+    old = await public.claim(auto("alpha"))
+    try:
+        clock.now += TTL + 1  # alpha stayed offline past the TTL: its lease is reclaimable
+        new = await public.claim(auto("beta"))
+        assert new.client == "beta" and new.port == port
+        assert public.serving(port) is new
+        assert old.key not in registry.tunnels
+    finally:
+        public.close()
+
+
+async def test_a_port_held_by_another_program_is_refused_and_not_leased() -> None:
+    (port,) = free_ports(1)
+    registry, clock = Registry(), Clock()
+    book = LeaseBook(MemoryLeaseStore(), PortSet.of(port), lambda _: PortSet.of(port),
+                     clock=clock)
+    public = binding(PortSet.of(port), book, registry)
+    with socket.socket() as squatter:
+        squatter.bind((HOST, port))
+        squatter.listen()
+        claim = Claim("alpha", TunnelKind.PUBLIC_TCP, "127.0.0.1:80", "fixed", port)
+        with pytest.raises(ClaimRefused, match="another program"):
+            await public.claim(claim)
+    assert book.leases() == [] and dict(registry.tunnels) == {}
+
+
+async def test_restore_binds_the_leases_of_configured_clients_only() -> None:
+    kept, dropped = free_ports(2)
+    ports = PortSet.of(kept, dropped)
+    store, clock = MemoryLeaseStore(), Clock()
+    book = LeaseBook(store, ports, lambda _: ports, clock=clock)
+    book.claim_fixed("alpha", kept, "127.0.0.1:22")
+    book.claim_fixed("gone", dropped, "127.0.0.1:22")
+    registry = Registry()
+    public = binding(ports, LeaseBook(store, ports, lambda _: ports, clock=clock), registry)
+    await public.restore({"alpha"})
+    try:
+        assert set(public.bound) == {kept}
+        assert [t.client for t in registry.by_port.values()] == ["alpha"]
+        assert [lease.port for lease in store.load()] == [kept]
+    finally:
+        public.close()

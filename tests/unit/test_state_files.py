@@ -26,6 +26,7 @@ from tunnel.common.config.credentials import JoinInfo, encode_join, generate_key
 from tunnel.common.config.localfs import write_private
 from tunnel.common.config.statefiles import (
     StateFileError,
+    create_private_file,
     ensure_private_dir,
     open_private_file,
     prepare_sqlite_file,
@@ -230,3 +231,11 @@ def test_write_private_replaces_a_regular_file_only(tmp_path: Path) -> None:
     write_private(path, "two\n")
     assert path.read_text(encoding="utf-8") == "two\n"
     assert _mode(path) == 0o600 and _mode(path.parent) == 0o700
+
+
+def test_an_exclusive_create_names_what_is_already_there(tmp_path: Path) -> None:
+    path = tmp_path / "key.pem"
+    path.write_text("old", encoding="utf-8")
+    with pytest.raises(StateFileError, match="already exists; expected nothing there"):
+        create_private_file(path)
+    assert path.read_text(encoding="utf-8") == "old"

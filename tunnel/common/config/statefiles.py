@@ -58,6 +58,7 @@ _POSIX = os.name == "posix"
 _EXPECT_FILE = ("a regular file owned by this user; move it away (state and secret files "
                 "are never written through a link)")
 _EXPECT_DIR = "a real directory owned by this user, not a link"
+_EXPECT_NEW = "nothing there, since this file is always created new"
 
 
 class StateFileError(TunnelError):
@@ -145,13 +146,14 @@ def ensure_private_dir(path: Path) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def _refuse_existing(path: Path) -> StateFileError:
-    """The error for a name that an exclusive create found taken by something unexpected."""
+def _refuse_existing(path: Path, expected: str = _EXPECT_FILE) -> StateFileError:
+    """The error for a name found taken by something unexpected (or gone meanwhile)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return StateFileError(path, "vanished while it was being opened", _EXPECT_FILE)
-    return StateFileError(path, _what_is(path, st), _EXPECT_FILE)
+        return StateFileError(path, "vanished while it was being opened", expected)
+    found = "already exists" if stat.S_ISREG(st.st_mode) else _what_is(path, st)
+    return StateFileError(path, found, expected)
 
 
 def create_private_file(path: Path) -> int:
@@ -161,7 +163,7 @@ def create_private_file(path: Path) -> int:
     try:
         fd = os.open(path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, STATE_FILE_MODE)
     except FileExistsError:
-        raise _refuse_existing(path) from None
+        raise _refuse_existing(path, _EXPECT_NEW) from None
     try:
         if _POSIX:
             os.fchmod(fd, STATE_FILE_MODE)  # the umask may have removed bits; be exact

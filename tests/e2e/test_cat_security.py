@@ -14,6 +14,7 @@ import gc
 import itertools
 import json
 import math
+import os
 import re
 import secrets
 import socket
@@ -23,6 +24,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from stat import S_IMODE
 from typing import Any
 
 import pytest
@@ -1280,3 +1282,53 @@ async def test_S10_client_supplied_strings_render_escaped(tmp_path: Path,
                  "new Function"):
         assert sink not in js, sink
     assert "textContent" in js
+
+
+# ----------------------------------------------------------------------------- S-11
+
+
+def _private_modes(state: Path) -> dict[str, int]:
+    """The mode of the state directory and of everything in it, by path relative to it."""
+    modes = {".": S_IMODE(os.lstat(state).st_mode)}
+    for path in state.rglob("*"):
+        assert not path.is_symlink(), path
+        modes[str(path.relative_to(state))] = S_IMODE(os.lstat(path).st_mode)
+    return modes
+
+
+@pytest.mark.parametrize("planted", ["leases.sqlite3", "tls/key.pem"])
+async def test_S11_state_files_are_never_opened_through_a_link(tmp_path: Path,
+                                                               planted: str) -> None:
+    """A dangling link planted in the state directory, pointing outside it, stops the real
+    relay at start-up with exit 2 and one line naming the link, and nothing is created at
+    its target. Then, with the link gone and the directory loosened to 0755 (as an older
+    relay left it), a normal start leaves the directory and its subdirectories 0700 and
+    every file in them (leases, history, SQLite's companions, TLS key and certificate) 0600.
+    No link is involved, so no variants."""
+    (port,) = free_ports(1)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    state = tmp_path / "state"
+    link = state / planted
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside / link.name)
+    config = server_config(tmp_path, [port], tls="auto")
+    path = write_config(tmp_path, config)
+    path.chmod(0o600)
+    proc = await start_proc("tunnel-server", SERVER_MODULE, ["--config", str(path)],
+                            cwd=tmp_path)
+    assert await proc.wait_exit() == EXIT_CONFIG, proc.describe()
+    assert str(link) in proc.stderr and "symbolic link" in proc.stderr, proc.describe()
+    proc.assert_no_traceback()
+    assert not any(outside.iterdir()), "the relay wrote through the link"
+    assert not [ln for ln in proc.stdout_lines if "listening" in ln]
+
+    link.unlink()
+    state.chmod(0o755)
+    relay, _ = await start_server(tmp_path, config)
+    await relay.terminate()
+    modes = _private_modes(state)
+    assert {"leases.sqlite3", "history.sqlite3", "tls/key.pem", "tls/cert.pem"} <= set(modes)
+    for name, mode in modes.items():
+        is_dir = (state / name).is_dir()
+        assert mode == (0o700 if is_dir else 0o600), (name, oct(mode))

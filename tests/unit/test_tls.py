@@ -101,7 +101,7 @@ def test_generate_writes_private_key_and_dir_privately(relay: tuple[Path, Path])
     assert key.name == KEY_FILE and cert.name == CERT_FILE
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
-    assert stat.S_IMODE(cert.stat().st_mode) == 0o644
+    assert stat.S_IMODE(cert.stat().st_mode) == 0o600  # a state file like any other
     assert sorted(p.name for p in key.parent.iterdir()) == [CERT_FILE, KEY_FILE]  # no temp files
     assert b"ENCRYPTED" not in key.read_bytes()
     assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS8
@@ -121,7 +121,7 @@ def test_key_mode_is_private_from_creation(tmp_path: Path,
     key_opens = [c for c in created if KEY_FILE in Path(c[0]).name]
     assert key_opens, "the key must be created with os.open"
     for _, flags, mode in key_opens:
-        assert flags & os.O_CREAT and flags & os.O_EXCL
+        assert flags & os.O_CREAT and flags & os.O_EXCL and flags & os.O_NOFOLLOW
         assert mode == 0o600
 
 

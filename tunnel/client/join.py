@@ -17,6 +17,7 @@ import yaml
 from tunnel.client.settings import default_client_config
 from tunnel.common.config.credentials import JoinInfo, decode_join
 from tunnel.common.config.localfs import write_private
+from tunnel.common.config.statefiles import StateFileError, regular_file_exists
 from tunnel.common.errors import ConfigError
 
 __all__ = ["join_main", "write_client_config"]
@@ -49,11 +50,15 @@ def join_main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if path.exists() and not args.force:
-        print(f"{PROG}: {path} already exists; pass --force to replace it", file=sys.stderr)
-        return EXIT_CONFIG
     try:
+        if regular_file_exists(path) and not args.force:
+            print(f"{PROG}: {path} already exists; pass --force to replace it",
+                  file=sys.stderr)
+            return EXIT_CONFIG
         write_client_config(info, path)
+    except StateFileError as exc:  # a link or directory where the settings go
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"{PROG}: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONFIG

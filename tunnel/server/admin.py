@@ -22,6 +22,7 @@ import yaml
 
 from tunnel.common.config.credentials import JoinInfo, encode_join, generate_keypair, shown_name
 from tunnel.common.config.localfs import PRIVATE_DIR_MODE, write_private
+from tunnel.common.config.statefiles import regular_file_exists
 from tunnel.common.config.yamlsafe import load_yaml_file
 from tunnel.common.errors import ConfigError, TunnelError
 from tunnel.common.proto.portset import PortSet
@@ -105,19 +106,21 @@ dashboard:                           # status page, API and /metrics (localhost 
 def cmd_init(args: argparse.Namespace) -> int:
     directory = Path(args.dir) if args.dir else default_config_dir()
     config = directory / "server.yaml"
-    if config.exists() and not args.force:
+    clients, password = directory / CLIENTS_FILE, directory / ADMIN_PASSWORD_FILE
+    # Checked before anything is written: a link or directory in place of any is refused.
+    have_config, have_clients, have_password = (
+        regular_file_exists(path) for path in (config, clients, password))
+    if have_config and not args.force:
         print(f"{PROG} init: {config} already exists; pass --force to overwrite it "
               "(the TLS key is kept)", file=sys.stderr)
         return EXIT_ERROR
     ports = parse_port_spec(args.ports)
     directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
-    clients = directory / CLIENTS_FILE
-    if not clients.exists():
+    if not have_clients:
         write_private(clients, _CLIENTS_HEADER + "{}\n")
-    password = directory / ADMIN_PASSWORD_FILE
-    if not password.exists():
+    if not have_password:
         write_private(password, secrets.token_urlsafe(18) + "\n")
-    before = config.read_text(encoding="utf-8") if config.exists() else None
+    before = config.read_text(encoding="utf-8") if have_config else None
     write_private(config, _server_yaml(args, ports))
     try:  # never leave a config behind that the relay cannot load
         loaded = load_server_config(config)

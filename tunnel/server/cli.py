@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from tunnel import __version__
 from tunnel.common.aio.runtime import run, setup_logging
+from tunnel.common.config.statefiles import StateFileError
 from tunnel.common.errors import ConfigError
 from tunnel.server import admin
 from tunnel.server.app import Relay
@@ -71,12 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _serve(config: ServerConfig) -> int:
     try:
         relay = Relay(config)
-    except LeaseStoreError as exc:
+    except (LeaseStoreError, StateFileError) as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
     try:
         await relay.start()
-    except TlsFilesError as exc:
+    except (TlsFilesError, StateFileError) as exc:
         log.error("%s", exc)
         await relay.stop(drain_timeout=0)
         return EXIT_CONFIG

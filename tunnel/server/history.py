@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tunnel.common.config.statefiles import prepare_sqlite_file
+
 __all__ = ["FLUSH_INTERVAL", "FLUSH_INTERVAL_ENV", "RETENTION", "HistoryStore",
            "flush_interval"]
 
@@ -49,7 +51,7 @@ def flush_interval(env: dict[str, str] | None = None) -> float:
 class HistoryStore:
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_sqlite_file(path)  # 0600 in a 0700 dir, never through a link
         self._db = sqlite3.connect(str(path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

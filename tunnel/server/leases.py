@@ -21,7 +21,6 @@ drained forever by boxes that were decommissioned.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol, TypeGuard, get_args
 
+from tunnel.common.config.statefiles import prepare_sqlite_file
 from tunnel.common.errors import ClaimRefused, TunnelError
 from tunnel.common.proto.portset import MAX_PORT, MIN_PORT, PortSet
 
@@ -55,11 +55,6 @@ SCHEMA_VERSION = 1
 #: How long a write waits for another connection's lock. Short on purpose: the book is called
 #: from the event loop, and only admin tools should ever hold a second connection.
 SQLITE_BUSY_TIMEOUT_S = 1.0
-
-#: The directory holding the database is private: lease rows name client identities.
-STATE_DIR_MODE = 0o700
-#: The database file itself (SQLite gives its -wal/-shm files the same mode).
-STATE_FILE_MODE = 0o600
 
 Clock = Callable[[], float]
 LeaseKind = Literal["fixed", "auto"]
@@ -171,8 +166,7 @@ class SqliteLeaseStore:
         self._path = Path(path)
         self._conn: sqlite3.Connection | None = None
         try:
-            self._path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
-            _create_private_file(self._path)
+            prepare_sqlite_file(self._path)
         except OSError as exc:
             raise LeaseStoreError(f"lease database {self._path}: cannot create: {exc}") from exc
         try:
@@ -277,12 +271,6 @@ class SqliteLeaseStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _create_private_file(path: Path) -> None:
-    """Create the file as 0600 before SQLite does, since SQLite would only honour the umask."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, STATE_FILE_MODE)
-    os.close(fd)
 
 
 class LeaseBook:

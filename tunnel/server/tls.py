@@ -38,6 +38,12 @@ from tunnel.common.aio.tls import (
     ssl_reason,
 )
 from tunnel.common.config.base import FINGERPRINT_PREFIX, parse_fingerprint
+from tunnel.common.config.statefiles import (
+    create_private_file,
+    ensure_private_dir,
+    open_private_file,
+    regular_file_exists,
+)
 from tunnel.common.errors import ConfigError, TlsFilesError
 
 __all__ = [
@@ -69,9 +75,6 @@ FALLBACK_COMMON_NAME = "tunnel-relay"
 MAX_COMMON_NAME_LENGTH = 64
 BACKDATE = timedelta(hours=1)
 """``notBefore`` lies in the past so a client whose clock runs slightly behind still accepts."""
-TLS_DIR_MODE = 0o700
-KEY_FILE_MODE = 0o600
-CERT_FILE_MODE = 0o644
 
 """Longest accepted spelling (prefix + colon-separated pairs); longer input is never parsed."""
 _DNS_NAME = re.compile(
@@ -161,15 +164,12 @@ def _temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{secrets.token_hex(_TEMP_SUFFIX_BYTES)}")
 
 
-def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the first instant (no chmod window), and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as handle:
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` 0600 from the first instant (no chmod window), and fsync it."""
+    with os.fdopen(create_private_file(path), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    # The umask can only remove bits; make sure the cert really is world readable as intended.
-    os.chmod(path, mode)
 
 
 def _publish_no_clobber(temp: Path, final: Path) -> None:
@@ -183,7 +183,7 @@ def _publish_no_clobber(temp: Path, final: Path) -> None:
     except FileExistsError:
         raise
     except OSError:
-        if final.exists():
+        if os.path.lexists(final):
             raise FileExistsError(str(final)) from None
         os.replace(temp, final)
         return
@@ -204,13 +204,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _make_tls_dir(tls_dir: Path) -> None:
-    if tls_dir.is_dir():
-        return
-    tls_dir.mkdir(mode=TLS_DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(tls_dir, TLS_DIR_MODE)
-
-
 def generate_self_signed(tls_dir: Path, hosts: Sequence[str]) -> tuple[Path, Path]:
     """Create a new ECDSA P-256 key and self-signed certificate in ``tls_dir``.
 
@@ -220,17 +213,18 @@ def generate_self_signed(tls_dir: Path, hosts: Sequence[str]) -> tuple[Path, Pat
     """
     tls_dir = Path(tls_dir)
     key_path, cert_path = tls_dir / KEY_FILE, tls_dir / CERT_FILE
-    if key_path.exists():
+    ensure_private_dir(tls_dir)
+    if regular_file_exists(key_path):  # a link or directory there is refused by name
         raise FileExistsError(f"{key_path} already exists; refusing to replace a pinned key")
+    regular_file_exists(cert_path)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _build_certificate(key, hosts)
-    _make_tls_dir(tls_dir)
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     key_temp, cert_temp = _temp_path(key_path), _temp_path(cert_path)
     try:
-        _write_new_file(key_temp, key_pem, KEY_FILE_MODE)
-        _write_new_file(cert_temp, cert.public_bytes(serialization.Encoding.PEM), CERT_FILE_MODE)
+        _write_new_file(key_temp, key_pem)
+        _write_new_file(cert_temp, cert.public_bytes(serialization.Encoding.PEM))
         _publish_no_clobber(key_temp, key_path)
         try:
             os.replace(cert_temp, cert_path)
@@ -249,12 +243,17 @@ def ensure_self_signed(tls_dir: Path, hosts: Sequence[str]) -> tuple[Path, Path,
     """Generate the relay's key once and reuse it on every later start.
 
     Returns ``(key, cert, created)``. One file without the other means someone deleted or
-    moved a file; guessing (regenerating) would change the pinned key, so this refuses.
+    moved a file; guessing (regenerating) would change the pinned key, so this refuses. Both
+    are state files (0600 in a 0700 directory, never a link): a link or directory in either
+    place is refused by name, and files kept from a looser setup are tightened.
     """
     tls_dir = Path(tls_dir)
     key_path, cert_path = tls_dir / KEY_FILE, tls_dir / CERT_FILE
-    key_exists, cert_exists = key_path.exists(), cert_path.exists()
+    ensure_private_dir(tls_dir)
+    key_exists, cert_exists = regular_file_exists(key_path), regular_file_exists(cert_path)
     if key_exists and cert_exists:
+        for path in (key_path, cert_path):
+            os.close(open_private_file(path, create=False))
         return key_path, cert_path, False
     if key_exists != cert_exists:
         present, missing = (key_path, cert_path) if key_exists else (cert_path, key_path)

@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from tunnel.common.config.statefiles import check_replaceable, make_parent_dirs
+
 __all__ = ["PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE", "is_loopback", "write_private"]
 
 PRIVATE_FILE_MODE = 0o600
@@ -17,8 +19,11 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
 
 def write_private(path: Path, text: str, mode: int = PRIVATE_FILE_MODE) -> None:
     """Write atomically with ``mode`` from the first byte: a file holding a secret is never
-    briefly world-readable, and a crash never leaves it half written."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    briefly world-readable, and a crash never leaves it half written. A link, directory or
+    special file at ``path`` is refused by name (:mod:`.statefiles`); missing parent
+    directories are created 0700."""
+    make_parent_dirs(path)
+    check_replaceable(path)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)

@@ -146,11 +146,6 @@ class PublicTcp:
                 sock.abort()
         return lease
 
-    def release_client(self, client: str) -> None:
-        for lease in self._leases.leases_of(client):
-            self.release(lease.port)
-            log.info("port %d released (client %s removed)", lease.port, client)
-
     def close(self) -> None:
         for acceptor, _gate in self._bound.values():
             acceptor.close()

@@ -97,19 +97,21 @@ async def test_a_port_held_by_another_program_is_refused_and_not_leased() -> Non
     assert book.leases() == [] and dict(registry.tunnels) == {}
 
 
-async def test_restore_binds_the_leases_of_configured_clients_only() -> None:
-    kept, dropped = free_ports(2)
-    ports = PortSet.of(kept, dropped)
+async def test_restore_keeps_the_leases_of_unconfigured_clients() -> None:
+    """A client missing from the config at start-up (a hand edit, an empty clients file)
+    keeps its ports reserved and bound like an offline owner's; only a release frees them."""
+    kept, orphan = free_ports(2)
+    ports = PortSet.of(kept, orphan)
     store, clock = MemoryLeaseStore(), Clock()
     book = LeaseBook(store, ports, lambda _: ports, clock=clock)
     book.claim_fixed("alpha", kept, "127.0.0.1:22")
-    book.claim_fixed("gone", dropped, "127.0.0.1:22")
+    book.claim_fixed("gone", orphan, "127.0.0.1:22")
     registry = Registry()
     public = binding(ports, LeaseBook(store, ports, lambda _: ports, clock=clock), registry)
     await public.restore({"alpha"})
     try:
-        assert set(public.bound) == {kept}
-        assert [t.client for t in registry.by_port.values()] == ["alpha"]
-        assert [lease.port for lease in store.load()] == [kept]
+        assert set(public.bound) == {kept, orphan}
+        assert sorted(t.client for t in registry.by_port.values()) == ["alpha", "gone"]
+        assert sorted(lease.port for lease in store.load()) == sorted([kept, orphan])
     finally:
         public.close()

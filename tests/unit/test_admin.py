@@ -13,7 +13,9 @@ from tunnel.common.config.credentials import JoinInfo, decode_join, public_key_o
 from tunnel.common.errors import ConfigError
 from tunnel.common.proto.portset import PortSet
 from tunnel.server.admin import main, parse_port_spec
+from tunnel.server.app import LEASE_DB_NAME
 from tunnel.server.config import load_server_config
+from tunnel.server.leases import Lease, SqliteLeaseStore
 from tunnel.server.tls import cert_file_fingerprint
 
 PUBLIC_URL = "wss://vps.example.com:7000/tunnel"
@@ -443,3 +445,36 @@ def test_parse_port_spec_rejects(text: str) -> None:
 def test_parse_port_spec_rejects_lenient_int_spellings(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_port_spec(text)
+
+
+def _leases_in(directory: Path, leases: list[Lease] | None = None) -> list[Lease]:
+    """The relay's lease rows (written first when ``leases`` is given)."""
+    config = load_server_config(directory / "server.yaml", {})
+    with SqliteLeaseStore(Path(config.state_dir) / LEASE_DB_NAME) as store:
+        for lease in leases or []:
+            store.put(lease)
+        return store.load()
+
+
+def test_remove_client_releases_its_leases(relay: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    _add(relay, capsys, "alice")
+    _add(relay, capsys, "bob")
+    _leases_in(relay, [Lease(6001, "alice", "fixed", "127.0.0.1:22", 1.0, 1.0),
+                       Lease(6002, "bob", "auto", "127.0.0.1:80", 1.0, 1.0)])
+    assert main(["remove-client", "alice", "--config", _config(relay)]) == 0
+    out, _ = capsys.readouterr()
+    assert "released ports: 6001" in out
+    assert [lease.client for lease in _leases_in(relay)] == ["bob"]
+
+
+def test_remove_client_releases_leases_of_a_hand_removed_client(
+        relay: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A client dropped from clients.yaml by hand keeps its ports until remove-client."""
+    _add(relay, capsys, "alice")
+    _leases_in(relay, [Lease(6001, "alice", "fixed", "127.0.0.1:22", 1.0, 1.0)])
+    (relay / "clients.yaml").write_text("{}\n", encoding="utf-8")
+    assert main(["remove-client", "alice", "--config", _config(relay)]) == 0
+    capsys.readouterr()
+    assert _leases_in(relay) == []
+    assert yaml.safe_load((relay / "clients.yaml").read_text()) == {}

@@ -222,20 +222,37 @@ def cmd_add_client(args: argparse.Namespace) -> int:
 
 
 def cmd_remove_client(args: argparse.Namespace) -> int:
+    """Drop the client's entry and release its leases.
+
+    The leases go first (their rows in the lease database), then the entry: the running
+    relay reloads on the file write, and frees in memory the leases whose rows are gone.
+    A client already gone from the file by a hand edit keeps its leases until this runs,
+    so ``remove-client`` also accepts a name that only holds leases.
+    """
     config_path = Path(args.config) if args.config else default_config_path()
     config = load_server_config(config_path)
     name = args.name
-    if name not in config.clients:
-        raise ConfigError("NAME", name, "no such client")
     path = _clients_file(config)
     data = _load_clients_raw(path)
-    if name not in data:
+    if name in config.clients and name not in data:
         raise ConfigError(config.source, f"clients.{name}", "this client is defined in the "
                           "server config itself; remove it there")
-    del data[name]
-    _save_clients(path, data, config_path)
-    print(f"removed client {name}; a running relay disconnects it and releases its ports "
-          "within a second")
+    with SqliteLeaseStore(Path(config.state_dir) / LEASE_DB_NAME) as store:
+        leases = [lease for lease in store.load() if lease.client == name]
+        if name not in config.clients and not leases:
+            raise ConfigError("NAME", name, "no such client")
+        for lease in leases:
+            store.delete(lease.port)
+        data.pop(name, None)
+        try:  # rewritten even when unchanged: the write is what makes the relay reload
+            _save_clients(path, data, config_path)
+        except BaseException:
+            for lease in leases:
+                store.put(lease)
+            raise
+    ports = ", ".join(str(lease.port) for lease in leases) or "none"
+    print(f"removed client {name} (released ports: {ports}); a running relay disconnects it "
+          "and frees its ports within a second")
     return EXIT_OK
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import ssl
@@ -34,12 +33,13 @@ from tunnel.server.guard import (
     PreAuthSlots,
     SourceSlots,
 )
-from tunnel.server.leases import LeaseBook, SqliteLeaseStore
+from tunnel.server.leases import LeaseBook, LeaseStoreError, SqliteLeaseStore
 from tunnel.server.listeners import LISTEN_BACKLOG
 from tunnel.server.monitor import Monitor
 from tunnel.server.preauth import preauth_connection
 from tunnel.server.public_tcp import PublicTcp
 from tunnel.server.registry import Registry
+from tunnel.server.reload import plan_reload
 from tunnel.server.stats import LinkCounters
 from tunnel.server.tls import (
     cert_file_fingerprint,
@@ -56,10 +56,6 @@ LEASE_DB_NAME = "leases.sqlite3"
 TLS_DIR_NAME = "tls"
 #: How often the relay checks its config files for edits (add-client, remove-client).
 RELOAD_POLL_INTERVAL = 0.5
-#: Keys whose change needs a restart; a reload keeps their running values.
-_RESTART_KEYS = ("listen_host", "listen_port", "path", "public_host", "ports", "state_dir",
-                 "tls", "heartbeat_interval", "heartbeat_timeout", "log_level",
-                 "opens_per_source", "opens_per_port")
 #: How long SIGTERM waits for open streams to finish before resetting them.
 SHUTDOWN_DRAIN_TIMEOUT = 10.0
 _DRAIN_POLL = 0.05
@@ -233,36 +229,82 @@ class Relay:
                 self.reload()
 
     def reload(self) -> None:
-        """Re-read the config; apply client changes, keep everything else as running.
+        """Re-read the config; apply what can change live, keep the rest as running.
 
-        A removed client's link is closed at once and its leases are released (its ports
-        become free); a client whose entry changed (credential or ports) is disconnected
-        so it logs in again under the new rules. Other clients are not touched.
+        A config that fails to load changes nothing, and neither does one whose client list
+        only looks empty (a missing, empty or half-written clients file): the error is
+        logged. Each changed key that needs a restart is logged as a warning
+        (:func:`plan_reload` finds them field by field). A client gone from a valid file can
+        no longer log in and its link is closed, but its leases stay (ports reserved, shown
+        on the status page) until released explicitly: by the admin release or by
+        ``remove-client`` (:meth:`_forget_released`). A client whose entry changed is
+        disconnected so it logs in again under the new rules. Other clients are not touched.
         """
         try:
-            new = load_server_config(self.config.source)
+            new = load_server_config(self.config.source, reload=True)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         old = self.config
-        ignored = [key for key in _RESTART_KEYS if getattr(old, key) != getattr(new, key)]
-        if ignored:
-            log.warning("changes to %s need a restart; not applied", ", ".join(ignored))
-        self.config = dataclasses.replace(old, clients=new.clients, public_url=new.public_url,
-                                          clients_file=new.clients_file)
+        plan = plan_reload(old, new)
+        for key in plan.restart:
+            log.warning("reload: %s changed but needs a restart; the running value is kept",
+                        key)
+        self.config = plan.config
+        self._apply_sections(old)
         self._load_credentials(self.config)
         self.registry.sync_clients(set(new.clients))
         removed = sorted(set(old.clients) - set(new.clients))
         changed = sorted(name for name in set(old.clients) & set(new.clients)
                          if old.clients[name] != new.clients[name])
+        # Before the links close: closing one touches its leases, which would write back
+        # the rows remove-client deleted.
+        self._forget_released()
         for name in removed + changed:
             self._disconnect(name, "client removed" if name in removed else "client changed")
         for name in removed:
-            for binding in self.bindings.values():
-                binding.release_client(name)
+            kept = [lease.port for lease in self.leases.leases_of(name)]
+            if kept:
+                log.warning("client %s is no longer configured: it cannot log in, and its "
+                            "ports %s stay reserved until released (remove-client or the "
+                            "status page)", name, ", ".join(map(str, kept)))
         self._watched = self._file_stamps()
-        log.info("configuration reloaded: %d clients; removed: %s; changed: %s",
-                 len(new.clients), ", ".join(removed) or "none", ", ".join(changed) or "none")
+        settings = [key for key in plan.applied if key not in ("clients", "clients_file")]
+        log.info("configuration reloaded: %d clients; removed: %s; changed: %s; "
+                 "settings applied: %s", len(new.clients), ", ".join(removed) or "none",
+                 ", ".join(changed) or "none", ", ".join(settings) or "none")
+
+    def _apply_sections(self, old: ServerConfig) -> None:
+        """Hand changed dashboard and alert settings to the running dashboard and alerts."""
+        new = self.config
+        if self.dashboard is not None and new.dashboard is not None \
+                and new.dashboard != old.dashboard:
+            self.dashboard.apply(new.dashboard)
+        if self.alerts is not None and new.alerts is not None and new.alerts != old.alerts:
+            self.alerts.settings = new.alerts
+
+    def _forget_released(self) -> None:
+        """Drop the leases of unconfigured clients whose rows left the lease database.
+
+        ``remove-client`` releases a client's leases by deleting its rows, which works
+        whether the relay runs or not; the running relay follows here. Nothing else drops
+        a lease of a client that left the config: a hand edit or a file that looks empty
+        must never cost a client its ports.
+        """
+        orphans = [lease for lease in self.leases.leases()
+                   if lease.client not in self.config.clients]
+        if not orphans:
+            return
+        try:
+            stored = {lease.port for lease in self.store.load()}
+        except LeaseStoreError as exc:
+            log.error("cannot read the lease database; leases of removed clients are kept: "
+                      "%s", exc)
+            return
+        for lease in orphans:
+            if lease.port not in stored and self.public_tcp.release(lease.port) is not None:
+                log.info("port %d released (client %s removed by remove-client)", lease.port,
+                         lease.client)
 
     def _disconnect(self, name: str, reason: str,
                     code: GoAwayCode = GoAwayCode.REVOKED) -> None:

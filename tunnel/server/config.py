@@ -234,26 +234,44 @@ def _client_mapping(ctx: ConfigContext, prefix: str, value: object,
             (_client_entry(ctx, prefix, name, item, env) for name, item in value.items())}
 
 
-def load_clients_file(path: Path, env: Mapping[str, str]) -> dict[str, ClientEntry]:
+_NO_CLIENTS_HINT = "write {} for a relay without clients"
+
+
+def load_clients_file(path: Path, env: Mapping[str, str], *,
+                      must_list: bool = False) -> dict[str, ClientEntry]:
     """The clients managed by ``add-client``/``remove-client``: a mapping name -> entry.
 
-    A missing file is an empty list (``init`` creates it, but a user may delete it).
+    A missing or empty file is an empty list at start-up (``init`` creates it, but a user
+    may delete it). With ``must_list`` (a reload) only an explicit ``{}`` means no clients:
+    a file that is missing, empty or being written looks the same as one that lists nobody,
+    and taking it for that would log every client out.
     """
     if not path.exists():
+        if must_list:
+            raise ConfigError(str(path), "", f"the clients file is missing (or a dangling "
+                                             f"link); {_NO_CLIENTS_HINT}")
         return {}
     doc = load_yaml_document_file(path)
+    if doc.data is None and must_list:
+        raise ConfigError(str(path), "", "the clients file is empty or holds only comments; "
+                                         f"expected a mapping of client name to settings, "
+                                         f"{_NO_CLIENTS_HINT}")
     ctx = ConfigContext(str(path), path.parent, doc.lines, doc.columns)
     return _client_mapping(ctx, "", doc.data, env)
 
 
 def _clients(ctx: ConfigContext, top: Mapping[str, object], relay: PortSet,
-             env: Mapping[str, str]) -> tuple[Mapping[str, ClientEntry], Path | None]:
+             env: Mapping[str, str], must_list: bool
+             ) -> tuple[Mapping[str, ClientEntry], Path | None]:
+    if must_list and "clients" in top and top["clients"] is None:
+        raise ctx.error("clients", "the key is present but empty; expected a mapping of "
+                                   f"client name to settings, {_NO_CLIENTS_HINT}")
     clients = _client_mapping(ctx, "clients", top.get("clients"), env)
     clients_file: Path | None = None
     if "clients_file" in top:
         text = ctx.expect_str(top["clients_file"], "clients_file", "a file path")
         clients_file = ctx.base_dir / text
-        for name, entry in load_clients_file(clients_file, env).items():
+        for name, entry in load_clients_file(clients_file, env, must_list=must_list).items():
             if name in clients:
                 raise ConfigError(str(clients_file), name, f"client {name!r} is also defined "
                                   f"in {ctx.source}; names must be unique")
@@ -394,8 +412,13 @@ def _required(ctx: ConfigContext, data: Mapping[str, object], key: str, hint: st
 
 def parse_server_config(data: object, source: str, base_dir: Path, env: Mapping[str, str],
                         lines: Mapping[str, int] | None = None,
-                        columns: Mapping[str, int] | None = None) -> ServerConfig:
-    """Validate an already loaded document; ``lines``/``columns`` (by key path) enrich errors."""
+                        columns: Mapping[str, int] | None = None, *,
+                        reload: bool = False) -> ServerConfig:
+    """Validate an already loaded document; ``lines``/``columns`` (by key path) enrich errors.
+
+    ``reload``: the relay is running with clients, so a client list that only *looks* empty
+    (a missing or empty clients file, ``clients:`` with no value) is an error, not "nobody".
+    """
     ctx = ConfigContext(source, base_dir, lines or {}, columns or {})
     top = ctx.expect_mapping(data, "", "a mapping of settings at the top level")
     ctx.reject_unknown(top, "", _SERVER_KEYS)
@@ -410,7 +433,7 @@ def parse_server_config(data: object, source: str, base_dir: Path, env: Mapping[
     if timeout <= interval:
         raise ctx.error("heartbeat_timeout", f"must be greater than heartbeat_interval "
                                              f"({interval:g}), got {timeout:g}")
-    clients, clients_file = _clients(ctx, top, relay_ports, env)
+    clients, clients_file = _clients(ctx, top, relay_ports, env, reload)
     opens_per_source, opens_per_port = _open_rate(ctx, top)
     return ServerConfig(
         source=source,
@@ -436,12 +459,17 @@ def parse_server_config(data: object, source: str, base_dir: Path, env: Mapping[
     )
 
 
-def load_server_config(path: str | Path, env: Mapping[str, str] | None = None) -> ServerConfig:
-    """Load and validate a relay config file; ``env`` defaults to ``os.environ``."""
+def load_server_config(path: str | Path, env: Mapping[str, str] | None = None, *,
+                       reload: bool = False) -> ServerConfig:
+    """Load and validate a relay config file; ``env`` defaults to ``os.environ``.
+
+    ``reload`` as in :func:`parse_server_config`.
+    """
     file = Path(path)
     doc = load_yaml_document_file(file)
     config = parse_server_config(doc.data, str(path), file.absolute().parent,
-                                 os.environ if env is None else env, doc.lines, doc.columns)
+                                 os.environ if env is None else env, doc.lines, doc.columns,
+                                 reload=reload)
     inline = doc.data.get("clients") if isinstance(doc.data, dict) else None
     if isinstance(inline, dict) and any(isinstance(v, dict) and "token" in v
                                         for v in inline.values()):

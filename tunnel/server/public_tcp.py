@@ -106,15 +106,16 @@ class PublicTcp:
     async def restore(self, configured: Collection[str]) -> None:
         """Bind every leased port from the start, owner online or not.
 
-        Leases of clients no longer in ``configured`` are released; leases outside the
+        Leases of clients no longer in ``configured`` are kept and bound like those of an
+        offline owner: only an explicit release (``remove-client``, the status page) frees
+        a port, never a config file that lost an entry or looks empty. Leases outside the
         relay's ports stay (a config edit may bring the range back) but are not bound.
         """
         for lease in self._leases.leases():
             if lease.client not in configured:
-                log.info("releasing port %d: client %s is no longer configured", lease.port,
-                         lease.client)
-                self._leases.release(lease.port)
-                continue
+                log.warning("port %d stays reserved for client %s, which is not configured; "
+                            "remove-client or the status page releases it", lease.port,
+                            lease.client)
             if lease.port not in self._relay_ports:
                 log.warning("lease of port %d (client %s) is outside `ports`: not bound",
                             lease.port, lease.client)
@@ -144,11 +145,6 @@ class PublicTcp:
             for sock in list(tunnel.connections):
                 sock.abort()
         return lease
-
-    def release_client(self, client: str) -> None:
-        for lease in self._leases.leases_of(client):
-            self.release(lease.port)
-            log.info("port %d released (client %s removed)", lease.port, client)
 
     def close(self) -> None:
         for acceptor, _gate in self._bound.values():

@@ -147,10 +147,6 @@ class Binding(Protocol):
 
     async def claim(self, claim: Claim) -> Tunnel: ...
 
-    def release_client(self, client: str) -> None:
-        """Free everything ``client`` holds (the client was removed from the config)."""
-        ...
-
     def close(self) -> None:
         """Stop accepting visitors (relay shutdown); leases stay."""
         ...

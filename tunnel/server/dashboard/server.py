@@ -8,6 +8,7 @@ changes the CSRF rule (403). Handlers never see a request that failed a check.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -53,6 +54,18 @@ class Dashboard:
         await self.http.start(self.settings.listen_host, self.settings.listen_port)
         host, port = self.http.address
         self.hosts = HostPolicy.for_listener(host, port, self.settings.hosts)
+
+    def apply(self, settings: DashboardSettings) -> None:
+        """Take over new credentials and Host names (a reload); the listener stays bound.
+
+        Failed-login penalties carry over, so a reload cannot reset a guesser's back-off.
+        """
+        self.settings = dataclasses.replace(settings, listen_host=self.settings.listen_host,
+                                            listen_port=self.settings.listen_port)
+        self.auth = Authenticator(self.settings, self.auth.penalties)
+        host, port = self.http.address
+        self.hosts = HostPolicy.for_listener(host, port, self.settings.hosts)
+        log.info("dashboard: credentials and host names reloaded")
 
     @property
     def url(self) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tunnel.common.config.localfs import write_private
+from tunnel.common.config.statefiles import StateFileError
 from tunnel.common.errors import ConfigError
 from tunnel.server.config import ServerConfig, load_server_config
 from tunnel.server.config_dashboard import DashboardSettings
@@ -177,16 +178,20 @@ def test_unchanged_config_plans_nothing(config_dir: Path) -> None:
 # --- our own writes are atomic and private ------------------------------------------------
 
 
-def test_private_write_replaces_a_symlink_instead_of_following_it(tmp_path: Path) -> None:
+def test_private_write_refuses_a_symlink_instead_of_following_it(tmp_path: Path) -> None:
     """Every file a reload reads (clients file, server.yaml, the client's settings) is
-    written by write_private: temp file, fsync, rename, mode 0600 from the first byte."""
+    written by write_private: temp file, fsync, rename, mode 0600 from the first byte; a link
+    in its place is refused by name (statefiles' rule), never written through or replaced."""
     victim = tmp_path / "victim"
     victim.write_text("untouched\n", encoding="utf-8")
     target = tmp_path / "clients.yaml"
     os.symlink(victim, target)
-    write_private(target, "{}\n")
+    with pytest.raises(StateFileError, match=r"clients\.yaml: is a symbolic link"):
+        write_private(target, "{}\n")
     assert victim.read_text(encoding="utf-8") == "untouched\n"
-    assert not target.is_symlink()
+    assert target.is_symlink()
+    target.unlink()
+    write_private(target, "{}\n")
     assert target.read_text(encoding="utf-8") == "{}\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

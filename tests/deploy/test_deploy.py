@@ -764,6 +764,8 @@ async def test_sighup_reloads_clients(tmp_path: Path) -> None:
     """The premise of ExecReload=/bin/kill -HUP $MAINPID: the relay survives SIGHUP and
     applies the clients file (as add-client writes it) without a restart."""
     alpha_port, beta_port = free_ports(2)
+    # As init writes it: an empty mapping. A missing clients file fails a reload (R-11).
+    (tmp_path / "clients.yaml").write_text("{}\n", encoding="utf-8")
     config = server_config(tmp_path, [alpha_port, beta_port],
                            clients={"alpha": {"token": ALPHA_TOKEN}},
                            clients_file="clients.yaml")

@@ -9,6 +9,7 @@ join string printed once by ``add-client``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import secrets
@@ -27,7 +28,7 @@ from tunnel.common.errors import ConfigError, TunnelError
 from tunnel.common.proto.portset import PortSet
 from tunnel.server.app import LEASE_DB_NAME, cert_hosts, tls_dir
 from tunnel.server.config import CLIENT_NAME_PATTERN, ServerConfig, load_server_config
-from tunnel.server.leases import SqliteLeaseStore
+from tunnel.server.leases import Lease, SqliteLeaseStore
 from tunnel.server.tls import cert_file_fingerprint, ensure_self_signed
 
 __all__ = ["COMMANDS", "default_config_path", "main"]
@@ -239,11 +240,7 @@ def cmd_remove_client(args: argparse.Namespace) -> int:
 def cmd_list_clients(args: argparse.Namespace) -> int:
     config_path = Path(args.config) if args.config else default_config_path()
     config = load_server_config(config_path)
-    store = SqliteLeaseStore(Path(config.state_dir) / LEASE_DB_NAME)
-    try:
-        leases = store.load()
-    finally:
-        store.close()
+    leases = asyncio.run(_load_leases(Path(config.state_dir) / LEASE_DB_NAME))
     print(f"{'NAME':<24} {'CREDENTIAL':<10} {'PORTS':<20} {'LEASES':<30} LAST SEEN")
     for name, entry in sorted(config.clients.items()):
         mine = [lease for lease in leases if lease.client == name]
@@ -254,6 +251,11 @@ def cmd_list_clients(args: argparse.Namespace) -> int:
         ports = config.client_ports(name).describe() or "none"
         print(f"{name:<24} {kind:<10} {ports:<20} {held:<30} {when}")
     return EXIT_OK
+
+
+async def _load_leases(path: Path) -> list[Lease]:
+    async with SqliteLeaseStore(path) as store:
+        return await store.load()
 
 
 # --------------------------------------------------------------------------- parser

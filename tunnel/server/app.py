@@ -143,8 +143,10 @@ class Relay:
         return reserved
 
     async def start(self) -> None:
-        """Bind everything; raises TlsFilesError or OSError before accepting anyone."""
+        """Bind everything; raises TlsFilesError, LeaseStoreError or OSError before accepting
+        anyone."""
         ssl_context = self._tls_context()
+        await self.leases.load()
         await self.public_tcp.restore(self.config.clients)
         self._ws_server = await serve(
             self.control, self.config.listen_host, self.config.listen_port,
@@ -184,9 +186,9 @@ class Relay:
         self._disconnect(name, "disconnected by the admin", GoAwayCode.NORMAL)
         return True
 
-    def release_lease(self, port: int) -> bool:
+    async def release_lease(self, port: int) -> bool:
         """Admin action: forget a lease; the port is free for anyone allowed."""
-        lease = self.public_tcp.release(port)
+        lease = await self.public_tcp.release(port)
         if lease is None:
             return False
         log.info("port %d released by the admin (was client %s)", port, lease.client)
@@ -230,9 +232,15 @@ class Relay:
             stamps = self._file_stamps()
             if stamps != self._watched:
                 self._watched = stamps
-                self.reload()
+                await self.reload()
 
-    def reload(self) -> None:
+    def reload_soon(self) -> None:
+        """Reload from a signal handler, which cannot await: in a background task."""
+        task = asyncio.create_task(self.reload(), name="config-reload")
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def reload(self) -> None:
         """Re-read the config; apply client changes, keep everything else as running.
 
         A removed client's link is closed at once and its leases are released (its ports
@@ -259,7 +267,7 @@ class Relay:
             self._disconnect(name, "client removed" if name in removed else "client changed")
         for name in removed:
             for binding in self.bindings.values():
-                binding.release_client(name)
+                await binding.release_client(name)
         self._watched = self._file_stamps()
         log.info("configuration reloaded: %d clients; removed: %s; changed: %s",
                  len(new.clients), ", ".join(removed) or "none", ", ".join(changed) or "none")
@@ -303,7 +311,7 @@ class Relay:
         for task in list(self.background):
             task.cancel()
         await self.monitor.stop()
-        self.store.close()
+        await self.store.close()
         log.info("relay stopped")
 
 

@@ -147,7 +147,7 @@ class Binding(Protocol):
 
     async def claim(self, claim: Claim) -> Tunnel: ...
 
-    def release_client(self, client: str) -> None:
+    async def release_client(self, client: str) -> None:
         """Free everything ``client`` holds (the client was removed from the config)."""
         ...
 

@@ -16,10 +16,6 @@ from bench.procs import Proc, echo_ok, wait_accepting
 from tests.e2e.ports import free_ports
 
 ALL = ("direct", "frp-tls", "frp-plain", "tunnel-tls", "tunnel-plain")
-#: Opt-in (``--contenders``): the tunnel with websockets' own framing for the whole link
-#: (``TUNNEL_WS_FRAMING=0``), to measure tunnel/common/aio/wsframing.py against it in one run.
-OPTIONAL = ("tunnel-tls-ws", "tunnel-plain-ws")
-KNOWN = ALL + OPTIONAL
 SERVICES = ("echo", "sink", "source")
 TOKEN = "bench-token-0123456789abcdef"
 START_TIMEOUT = 30.0
@@ -69,10 +65,10 @@ def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class Tunnel(Contender):
-    def __init__(self, name: str, workdir: Path, tls: bool, ws_framing: bool = False) -> None:
+    def __init__(self, name: str, workdir: Path, tls: bool) -> None:
         super().__init__(name, workdir)
         self.tls = tls
-        self.env = _child_env({"TUNNEL_WS_FRAMING": "0"} if ws_framing else None)
+        self.env = _child_env()
 
     def start(self, target: dict[str, int]) -> None:
         public = free_ports(len(SERVICES))
@@ -157,11 +153,10 @@ def make(name: str, workdir: Path, frp_bindir: Path) -> Contender:
     if name == "direct":
         return Direct(name, workdir)
     if name.startswith("tunnel-"):
-        return Tunnel(name, workdir, tls=name.startswith("tunnel-tls"),
-                      ws_framing=name.endswith("-ws"))
+        return Tunnel(name, workdir, tls=name == "tunnel-tls")
     if name.startswith("frp-"):
         return Frp(name, workdir, tls=name == "frp-tls", bindir=frp_bindir)
-    raise ValueError(f"unknown contender {name!r}; known: {', '.join(KNOWN)}")
+    raise ValueError(f"unknown contender {name!r}; known: {', '.join(ALL)}")
 
 
 def frp_version(bindir: Path) -> str | None:

@@ -2,12 +2,12 @@
 optionally a py-spy profile of the relay and the client while they move it.
 
 Why: on a shared 2-core machine throughput swings with the neighbours' load; the CPU the
-tunnel's own processes spend per GiB moves much less, so A/B comparisons of the data path
-(e.g. ``tunnel-plain`` vs ``tunnel-plain-ws``) are made on it, alternating contenders
-within each repetition. ``--py-spy DIR`` writes each process's collapsed stacks and prints
-the functions with the most samples (self and inclusive).
+tunnel's own processes spend per GiB moves much less, so comparisons of the data path are
+made on it, alternating contenders within each repetition. ``--py-spy DIR`` writes each
+process's collapsed stacks and prints the functions with the most samples (self and
+inclusive).
 
-    .venv/bin/python -m bench.profile --contenders tunnel-plain,tunnel-plain-ws --reps 5
+    .venv/bin/python -m bench.profile --contenders tunnel-plain,tunnel-tls --reps 5
     .venv/bin/python -m bench.profile --contenders tunnel-plain --py-spy /tmp/prof
 """
 
@@ -80,7 +80,7 @@ def summarize(path: Path, top: int = 15) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
-    p.add_argument("--contenders", default="tunnel-plain,tunnel-plain-ws")
+    p.add_argument("--contenders", default="tunnel-plain,tunnel-tls")
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--py-spy", type=Path, default=None, help="write py-spy profiles here")

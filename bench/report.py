@@ -7,8 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-FRP_PEER = {"tunnel-tls": "frp-tls", "tunnel-plain": "frp-plain",
-            "tunnel-tls-ws": "frp-tls", "tunnel-plain-ws": "frp-plain"}
+FRP_PEER = {"tunnel-tls": "frp-tls", "tunnel-plain": "frp-plain"}
 
 
 @dataclass(frozen=True)

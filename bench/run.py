@@ -384,8 +384,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small sizes, 1000 idle connections only; under 2 minutes")
     p.add_argument("--contenders", default=",".join(ct.ALL),
-                   help=f"comma-separated subset of {','.join(ct.KNOWN)} (direct is always run; "
-                   "the -ws ones are opt-in)")
+                   help=f"comma-separated subset of {','.join(ct.ALL)} (direct is always run)")
     p.add_argument("--reps", type=int, help="repetitions (default 3)")
     p.add_argument("--skip-frp", action="store_true", help="leave out frp-tls and frp-plain")
     p.add_argument("--frp-dir", type=Path, default=DEFAULT_FRP,
@@ -408,14 +407,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         plan = Plan(**(asdict(plan) | {"reps": args.reps}))
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ct.KNOWN]
+    unknown = [n for n in names if n not in ct.ALL]
     if unknown:
         print(f"python -m bench: unknown contender(s) {', '.join(unknown)}; "
-              f"known: {', '.join(ct.KNOWN)}", file=sys.stderr)
+              f"known: {', '.join(ct.ALL)}", file=sys.stderr)
         return 2
     if "direct" not in names:
         names.insert(0, "direct")
-    names = [n for n in ct.KNOWN if n in names]
+    names = [n for n in ct.ALL if n in names]
     frp_names = [n for n in names if n.startswith("frp-")]
     frp_available = all((args.frp_dir / b).is_file() and os.access(args.frp_dir / b, os.X_OK)
                         for b in ("frps", "frpc"))

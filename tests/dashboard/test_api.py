@@ -52,7 +52,7 @@ API_TIMEOUT = 10.0  # how long the API may take to reflect a change
 HEARTBEAT_TIMEOUT = 3  # server_config's heartbeat_timeout
 TRAFFIC_SLACK = 1024  # bytes the counters may differ from what the test moved
 CSRF = {"X-Tunnel-Request": "1"}
-ROUTES = [("GET", "/"), ("GET", "/static/app.js"), ("GET", "/metrics"),
+ROUTES = [("GET", "/"), ("GET", "/static/js/main.js"), ("GET", "/metrics"),
           ("GET", "/api/status"), ("GET", "/api/clients"), ("GET", "/api/clients/alpha"),
           ("GET", "/api/leases"), ("GET", "/api/connections"),
           ("GET", "/api/history?client=alpha"), ("POST", "/api/clients/alpha/disconnect"),

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from websockets.asyncio.client import connect
@@ -50,6 +51,7 @@ try:
         Dialog,
         Locator,
         Page,
+        Response,
         async_playwright,
         expect,
     )
@@ -73,11 +75,12 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+STATIC = Path(__file__).resolve().parents[2] / "tunnel" / "server" / "dashboard" / "static"
 USER = "admin"
 PASSWORD = "dashboard-test-password-1"
 MIB = 1024 * 1024
 
-POLL = 2.0  # the page's poll interval (app.js POLL_MS)
+POLL = 2.0  # the page's poll interval (static/js/poll.js POLL_MS)
 HEARTBEAT_TIMEOUT = 3.0  # harness.server_config
 MARGIN = 4.0
 UI_TIMEOUT_MS = 10_000  # for things the next poll or two must show
@@ -138,11 +141,17 @@ class Watch:
     console_errors: list[str] = field(default_factory=list)
     page_errors: list[str] = field(default_factory=list)
     dialogs: list[str] = field(default_factory=list)
+    scripts: dict[str, tuple[int, str]] = field(default_factory=dict)  # path: status, type
     answer_dialogs: bool | None = None  # None: dismiss and record as unexpected
 
     def on_console(self, message: ConsoleMessage) -> None:
         if message.type == "error":
             self.console_errors.append(message.text)
+
+    def on_response(self, response: Response) -> None:
+        if response.request.resource_type == "script":
+            path = urlsplit(response.url).path
+            self.scripts[path] = (response.status, response.headers.get("content-type", ""))
 
     async def on_dialog(self, dialog: Dialog) -> None:
         if self.answer_dialogs is None:
@@ -224,11 +233,16 @@ async def open_dashboard(browser: Browser, relay: Relay, **context: Any) -> Dash
     page.on("console", watch.on_console)
     page.on("pageerror", lambda exc: watch.page_errors.append(str(exc)))
     page.on("dialog", watch.on_dialog)
+    page.on("response", watch.on_response)
     response = await page.goto(relay.dashboard_url)
     assert response is not None and response.status == 200, response
-    await expect(page.get_by_test_id("updated")).to_have_attribute(
-        "data-state", "ok", timeout=UI_TIMEOUT_MS
-    )
+    try:
+        await expect(page.get_by_test_id("updated")).to_have_attribute(
+            "data-state", "ok", timeout=UI_TIMEOUT_MS
+        )
+    except AssertionError:
+        watch.assert_clean()  # a broken module: say which error, not just "never ok"
+        raise
     return Dashboard(page, watch)
 
 
@@ -318,6 +332,43 @@ async def test_client_online_and_traffic_updates_live(relay: Relay, browser: Bro
         await expect(card.get_by_test_id("chart-peak")).to_have_text(re.compile(r"^peak [1-9]"),
                                                                      timeout=12_000)
     await screenshot(dash, "dashboard.png")
+    dash.watch.assert_clean()
+
+
+async def test_every_module_loads_without_console_error(relay: Relay,
+                                                         browser: Browser) -> None:
+    """The page is ES modules under static/js/ (main.js, shared helpers, one per panel):
+    every .js file there is fetched as a module script, with 200 and a JavaScript type, and
+    none is left unused; with a client online, each panel draws (totals, a card with its
+    chart loaded, a lease row) without a console error, a CSP violation or an uncaught
+    exception."""
+    echo = EchoService()
+    await echo.start()
+    alpha = await relay.client(ALPHA_TOKEN, [echo.target], BOX_TELEMETRY, name="alpha")
+    port = await wait_tunnel(alpha, echo.target)
+    dash = await open_dashboard(browser, relay)
+    page = dash.page
+    await expect(page.locator("#total-online")).to_have_text("1", timeout=UI_TIMEOUT_MS)
+    card = dash.card("alpha")
+    await expect(card.get_by_test_id("client-status")).to_have_text("online",
+                                                                    timeout=UI_TIMEOUT_MS)
+    await expect(card.get_by_test_id("chart-peak")).not_to_have_text("loading\u2026",
+                                                                     timeout=UI_TIMEOUT_MS)
+    await expect(card.locator(".gpu")).to_have_count(2)
+    lease = page.locator(f'[data-testid="lease-row"][data-port="{port}"]')
+    await expect(lease).to_contain_text("alpha", timeout=UI_TIMEOUT_MS)
+
+    on_disk = {"/static/" + path.relative_to(STATIC).as_posix()
+               for path in (STATIC / "js").rglob("*.js")}
+    assert {"/static/js/main.js", "/static/js/panels/clients.js",
+            "/static/js/panels/leases.js", "/static/js/panels/status.js"} <= on_disk
+    assert set(dash.watch.scripts) == on_disk
+    for path, (status, content_type) in dash.watch.scripts.items():
+        assert status == 200, path
+        assert content_type == "text/javascript; charset=utf-8", path
+    html = (STATIC / "index.html").read_text(encoding="utf-8")
+    assert re.findall(r"<script\b[^>]*>", html) == [
+        '<script type="module" src="static/js/main.js">']
     dash.watch.assert_clean()
 
 

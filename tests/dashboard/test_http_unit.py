@@ -316,6 +316,20 @@ def static_dir(tmp_path: Path) -> Path:
     (tmp_path / "outside.js").write_text("secret")
     (root / "link.js").symlink_to(tmp_path / "outside.js")
     (root / "sub").mkdir()
+    panels = root / "js" / "panels"
+    panels.mkdir(parents=True)
+    (root / "js" / "main.js").write_text("import './panels/leases.js';")
+    (panels / "leases.js").write_text("export default {};")
+    (root / "js" / ".hidden.js").write_text("no")
+    (root / "js" / "link.js").symlink_to(tmp_path / "outside.js")
+    (root / "js" / "inside.js").symlink_to(root / "app.js")  # even a link that stays inside
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.js").write_text("secret")
+    (root / "linked").symlink_to(tmp_path / "elsewhere")
+    deep = root / "a" / "b" / "c" / "d"
+    deep.mkdir(parents=True)
+    (deep / "e.js").write_text("secret")
+    (root / "js" / "notes.sh").write_text("secret")
     return root
 
 
@@ -460,6 +474,33 @@ async def test_static_files(dash: tuple[Dashboard, FakeRelay, int]) -> None:
         reply = await request(port, "GET", path, auth=AUTH)
         assert reply.status == 404, path
         assert b"secret" not in reply.body
+
+
+async def test_static_subfolders_are_served_and_stay_inside(
+        dash: tuple[Dashboard, FakeRelay, int]) -> None:
+    """The page's modules live in ``static/js/`` and ``static/js/panels/``: paths with
+    folders are served, with the JavaScript type a module script insists on, and every way
+    out of the folder (dot segments, encoded dots and slashes, backslashes, symlinks to a
+    file or a folder, empty segments) or past the depth limit answers 404."""
+    port = dash[2]
+    for path, body in (("/static/js/main.js", b"import './panels/leases.js';"),
+                       ("/static/js/panels/leases.js", b"export default {};")):
+        reply = await request(port, "GET", path, auth=AUTH)
+        assert reply.status == 200, path
+        assert reply.headers["content-type"] == "text/javascript; charset=utf-8"
+        assert reply.headers["x-content-type-options"] == "nosniff"
+        assert reply.body == body
+    for path in ("/static/js/../app.js", "/static/js/../../outside.js",
+                 "/static/js/%2e%2e/app.js", "/static/js/%2E%2E%2F%2E%2E%2Foutside.js",
+                 "/static/js/..%2f..%2foutside.js", "/static/js%2fmain.js",
+                 "/static/js/./main.js", "/static/js//main.js", "/static/js/main.js/",
+                 "/static/js/", "/static/js", "/static/js/panels", "/static/js/.hidden.js",
+                 "/static/js\\main.js", "/static/js/link.js", "/static/js/inside.js",
+                 "/static/linked/x.js", "/static/a/b/c/d/e.js", "/static/js/notes.sh",
+                 "/static/js/missing.js", "/static//etc/passwd", "/static/%2fetc/passwd"):
+        reply = await request(port, "GET", path, auth=AUTH)
+        assert reply.status == 404, path
+        assert b"secret" not in reply.body and b"export" not in reply.body, path
 
 
 async def test_password_never_in_responses(dash: tuple[Dashboard, FakeRelay, int]) -> None:

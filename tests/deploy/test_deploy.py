@@ -83,19 +83,24 @@ class PreparedConfig:
     data: dict[str, Any]
 
 
-def _credential_entries(data: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    """Mappings that may hold token_env/token_file: the top level and every client."""
-    yield data
+def _secret_references(data: Mapping[str, Any]) -> Iterator[tuple[Mapping[str, Any], str]]:
+    """(mapping, key prefix) for every place that may hold ``PREFIX_env``/``PREFIX_file``:
+    the top level and every client (token), and the dashboard (password)."""
+    yield data, "token"
     clients = data.get("clients")
     if isinstance(clients, dict):
-        yield from (v for v in clients.values() if isinstance(v, dict))
+        yield from ((v, "token") for v in clients.values() if isinstance(v, dict))
+    dashboard = data.get("dashboard")
+    if isinstance(dashboard, dict):
+        yield dashboard, "password"
 
 
 def _prepare_copy(src: Path, dest_dir: Path) -> PreparedConfig:
     """Copy a config into ``dest_dir`` and provide the secrets it references.
 
-    Every ``token_env`` gets a distinct variable, every relative ``token_file`` a distinct
-    token file (mode 600) next to the copy, so the example validates exactly as written.
+    Every ``token_env``/``password_env`` gets a distinct variable, every relative
+    ``token_file``/``password_file`` a distinct secret file (mode 600) next to the copy, so
+    the example validates exactly as written.
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / src.name
@@ -103,15 +108,15 @@ def _prepare_copy(src: Path, dest_dir: Path) -> PreparedConfig:
     data = yaml.safe_load(src.read_text(encoding="utf-8"))
     assert isinstance(data, dict), f"{src}: top level is not a mapping"
     env: dict[str, str] = {}
-    for entry in _credential_entries(data):
-        if "token_env" in entry:
-            env[str(entry["token_env"])] = secrets.token_urlsafe(24)
-        if "token_file" in entry:
-            token_file = Path(str(entry["token_file"]))
-            assert not token_file.is_absolute(), (
-                f"{src}: examples should use a token_file relative to the config"
+    for entry, prefix in _secret_references(data):
+        if f"{prefix}_env" in entry:
+            env[str(entry[f"{prefix}_env"])] = secrets.token_urlsafe(24)
+        if f"{prefix}_file" in entry:
+            secret_file = Path(str(entry[f"{prefix}_file"]))
+            assert not secret_file.is_absolute(), (
+                f"{src}: examples should use a {prefix}_file relative to the config"
             )
-            target = dest_dir / token_file
+            target = dest_dir / secret_file
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(secrets.token_urlsafe(24) + "\n", encoding="utf-8")
             target.chmod(0o600)
@@ -271,13 +276,100 @@ def test_client_template_unit() -> None:
     assert _exec_words(service["ExecStart"]) == [
         "tunnel-client", "--config", "/etc/tunnel/client-%i.yaml"]
     assert service["Restart"] == "always"
-    assert service["RestartSec"] == "5"
+    # Flat: growing delays (RestartSteps=, RestartMaxDelaySec=) need systemd 254.
+    assert service["RestartSec"] == "30"
+    assert not {"RestartSteps", "RestartMaxDelaySec"} & set(service)
     # A config error (2) cannot heal by restarting; a refusal (3) can, once fixed on the relay.
     assert _words(service["RestartPreventExitStatus"]) == {"2"}
     assert unit["Unit"]["StartLimitIntervalSec"] == "0"  # never give up restarting
     text = path.read_text(encoding="utf-8").lower()
     assert "retries forever" in text or "reconnects forever" in text
     assert "exit codes" in text and "refused" in text
+    # NVML (GPU telemetry) opens /dev/nvidiactl and /dev/nvidia*: nothing may hide them,
+    # neither a private /dev nor a device allow-list (ProtectClock= implies one).
+    assert service.get("PrivateDevices", "no") == "no"
+    assert not {"DeviceAllow", "DevicePolicy", "ProtectClock"} & set(service)
+
+
+#: The systemd version that introduced each unit key younger than 229 (from systemd's NEWS),
+#: and the keys that are older. A key in neither fails the test below: look its version up
+#: before using it, so the oldest supported systemd stays true.
+KEY_SINCE = {
+    "StartLimitIntervalSec": 230, "ReadWritePaths": 231, "RestrictRealtime": 231,
+    "ProtectSystem": 232, "ProtectKernelTunables": 232, "ProtectKernelModules": 232,
+    "ProtectControlGroups": 232, "RestrictNamespaces": 233, "LockPersonality": 235,
+    "StateDirectory": 235, "StateDirectoryMode": 235, "ProtectHostname": 242,
+    "RestrictSUIDSGID": 242, "ProtectKernelLogs": 244, "ProtectClock": 245,
+}
+KEYS_BEFORE_229 = {
+    "Description", "After", "Wants", "Type", "User", "Group", "ExecStart", "ExecReload",
+    "Restart", "RestartSec", "RestartPreventExitStatus", "KillSignal", "TimeoutStopSec",
+    "LimitNOFILE", "WorkingDirectory", "NoNewPrivileges", "ProtectHome", "PrivateTmp",
+    "PrivateDevices", "RestrictAddressFamilies", "UMask", "WantedBy",
+}
+#: ProtectSystem=strict came with 232 (ProtectSystem= itself is older).
+OLDEST_SYSTEMD = 245
+UNITS = sorted(SYSTEMD.glob("*.service"))
+VERIFY_TIMEOUT = 60
+
+
+def test_oldest_supported_systemd_knows_every_key() -> None:
+    since: dict[str, int] = {}
+    for path in UNITS:
+        unit = _read_unit(path)
+        for section in unit.sections():
+            for key in unit[section]:
+                assert key in KEY_SINCE or key in KEYS_BEFORE_229, (
+                    f"{path.name}: [{section}] {key}: add the systemd version that introduced "
+                    "it to KEY_SINCE (or KEYS_BEFORE_229)")
+                since[key] = KEY_SINCE.get(key, 0)
+    assert max(since.values()) == OLDEST_SYSTEMD, since
+    for doc in (DEPLOY / "README.md", *UNITS):
+        assert re.search(rf"\bsystemd(?: |: ){OLDEST_SYSTEMD} or newer\b",
+                         doc.read_text(encoding="utf-8")), f"{doc.name} does not state it"
+
+
+def _systemd_analyze() -> str:
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze is missing (.ci/run installs Debian's systemd)")
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    return path
+
+
+def _executable(name: str, tmp_path: Path) -> Path:
+    """The console script next to this python (installed by pip), else a stand-in."""
+    script = Path(sys.executable).parent / name
+    if os.access(script, os.X_OK):
+        return script
+    stand_in = tmp_path / "bin" / name
+    stand_in.parent.mkdir(parents=True, exist_ok=True)
+    stand_in.write_text("#!/bin/sh\nexit 0\n", encoding="utf-8")
+    stand_in.chmod(0o755)
+    return stand_in
+
+
+@pytest.mark.parametrize(("unit", "instance"), [
+    ("tunnel-server.service", "tunnel-server.service"),
+    ("tunnel-client@.service", "tunnel-client@gpu.service"),
+])
+def test_systemd_analyze_verify(unit: str, instance: str, tmp_path: Path) -> None:
+    """``systemd-analyze verify`` prints nothing: no unknown key, no bad value, and the
+    programs exist (the copy points ExecStart at the installed scripts, nothing else)."""
+    analyze = _systemd_analyze()
+    text = (SYSTEMD / unit).read_text(encoding="utf-8")
+    for name in ("tunnel-server", "tunnel-client"):
+        text = text.replace(f"/opt/tunnel/venv/bin/{name} ", f"{_executable(name, tmp_path)} ")
+    assert "/opt/tunnel/venv/bin/tunnel-" not in "\n".join(
+        ln for ln in text.splitlines() if ln.startswith("Exec"))
+    copy = tmp_path / instance
+    copy.write_text(text, encoding="utf-8")
+    result = subprocess.run([analyze, "verify", "--man=no", str(copy)], capture_output=True,
+                            text=True, check=False, timeout=VERIFY_TIMEOUT, cwd=tmp_path)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0 and not output, (
+        f"systemd-analyze verify {unit} (rc {result.returncode}):\n{output}")
 
 
 # ----------------------------------------------------------------------------- docker
@@ -334,7 +426,7 @@ def test_dockerignore_keeps_what_the_image_needs() -> None:
     assert {"!pyproject.toml", "!README.md", "!tunnel/"} <= set(rules)
 
 
-def test_compose() -> None:
+def test_compose(tmp_path: Path) -> None:
     data = yaml.safe_load((DOCKER / "compose.yaml").read_text(encoding="utf-8"))
     relay = data["services"]["relay"]
     build = relay["build"]
@@ -346,12 +438,21 @@ def test_compose() -> None:
     assert named <= set(data.get("volumes") or {}), "named volumes must be declared"
     assert "7000:7000" in relay["ports"]
     assert "6000-6009:6000-6009" in relay["ports"]
-    # The config dir mounted at /config holds a server.yaml that matches what is published.
+    # The config dir mounted at /config holds a server.yaml that matches what is published
+    # (its dashboard password file is the operator's to write: a stand-in here).
     config_dir = (DOCKER / mounts["/config"]).resolve()
-    config = load_server_config(config_dir / "server.yaml", {})
+    prepared = _prepare_copy(config_dir / "server.yaml", tmp_path)
+    config = load_server_config(prepared.path, prepared.env)
     assert config.listen_port == 7000 and config.listen_host == "0.0.0.0"
     assert config.ports == PortSet([(6000, 6009)])
     assert str(config.state_dir) == "/state"
+    # The status page listens on the container's network and is published on the host's
+    # loopback only (plain HTTP: reached through ssh -L or a TLS proxy).
+    assert config.dashboard is not None
+    assert (config.dashboard.listen_host, config.dashboard.listen_port) == ("0.0.0.0", 7500)
+    assert f"127.0.0.1:{config.dashboard.listen_port}:7500" in relay["ports"]
+    assert not any(str(p).split(":")[-1] == "7500" and not str(p).startswith("127.0.0.1:")
+                   for p in relay["ports"])
     assert "network_mode: host" in (DOCKER / "compose.yaml").read_text(encoding="utf-8")
 
 

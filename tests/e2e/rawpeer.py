@@ -1,6 +1,6 @@
 """A raw link peer for hostile-input tests: speaks the protocol by hand over a real WebSocket.
 
-Shared by tests/e2e/test_link_faults.py and the catalogue's bad-input tests. With TLS on
+Shared by the catalogue's bad-input, fault and security tests. With TLS on
 (the ``variant`` fixture), the peer accepts the relay's self-signed certificate: these tests
 attack the relay, they do not test pinning.
 """

@@ -315,6 +315,10 @@ async def test_B12_port_policy_refuses_each_bad_forward_and_serves_the_others(
         assert await wait_tunnel(client, echo.target) == good3
         assert await client.wait_exit() == 3
         assert f"port {control} is the relay's control port" in client.stderr
+        client = await start_client(url, BETA_TOKEN, [f"127.0.0.1:9:fixed-{busy}"])
+        assert await client.wait_exit() == 3
+        assert f"port {busy}" in client.stderr, client.describe()
+        assert "in use by another program" in client.stderr, client.describe()
         for bad in ("0", "65536", "-1"):
             client = await start_client(url, BETA_TOKEN, [f"127.0.0.1:9:fixed-{bad}"])
             assert await client.wait_exit() == 2

@@ -342,7 +342,7 @@ async def test_F5_stream_limit_refuses_and_bounds_memory(tmp_path: Path, variant
     Nothing the relay can read before then shows the reset (the socket is still
     ESTABLISHED, no pending error).
 
-    Moved from test_link_faults.py (``test_streams_beyond_max_streams_are_refused_...``)."""
+    (Formerly test_link_faults.py's ``test_streams_beyond_max_streams_are_refused_...``.)"""
     n = size.pick(32, 256)
     push_each = 32 * MIB
     stall = RawService(push=push_each, stall=STALL, bufsize=128 * 1024)

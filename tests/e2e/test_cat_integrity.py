@@ -432,10 +432,10 @@ DEADLOCK_BOUND = 60.0  # the catalogue's pass criterion: no deadlock within 60 s
 
 async def test_I2_full_duplex_write_before_read(tmp_path: Path, variant: Variant,
                                                 size: Size) -> None:
-    """Streams (fast: 4 x 8 MiB; full: the catalogue's 16 x 64 MiB) send both ways at once,
-    and each side queues 4 x W (our W = 1 MiB) before it reads anything. Pass: no deadlock
-    within 60 s; every digest matches in both directions."""
-    streams, each = size.pick((4, 8 * MIB), (16, 64 * MIB))
+    """Streams (fast: 16 x 8 MiB; full: the catalogue's 16 x 64 MiB) send both ways at
+    once, and each side queues 4 x W (our W = 1 MiB) before it reads anything. Pass: no
+    deadlock within 60 s; every digest matches in both directions."""
+    streams, each = size.pick((16, 8 * MIB), (16, 64 * MIB))
     service = WriteFirstService()
     await service.start()
     _, _, port = await start_tunnel(tmp_path, service.target)

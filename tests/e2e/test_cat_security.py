@@ -92,7 +92,12 @@ EXIT_CONFIG = 2
 EXIT_REFUSED = 3
 REPO = Path(__file__).resolve().parents[2]
 TUNNEL_DIR = REPO / "tunnel"
-APP_JS = TUNNEL_DIR / "server" / "dashboard" / "static" / "app.js"
+PAGE_JS = TUNNEL_DIR / "server" / "dashboard" / "static" / "js"
+
+
+def _page_js() -> str:
+    """The status page's JavaScript: every module under static/js/, concatenated."""
+    return "\n".join(path.read_text(encoding="utf-8") for path in sorted(PAGE_JS.rglob("*.js")))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -953,7 +958,7 @@ async def test_S7_same_identity_on_two_machines(tmp_path: Path, variant: Variant
         assert await _closed_with(old) != CLOSE_AUTH_FAILED  # replaced, newest won
     alpha = await poll(lambda: dash.client("alpha"), lambda c: c["flapping"], "alpha flagged")
     assert alpha["replacements_last_minute"] >= REPLACEMENT_FLAG and alpha["online"]
-    js = APP_JS.read_text(encoding="utf-8")
+    js = _page_js()
     assert "client-flapping" in js and "c.flapping" in js
 
     since = len(dash.proc.stderr_lines)
@@ -1094,8 +1099,8 @@ async def test_S9_dashboard_requires_credentials(tmp_path: Path) -> None:
     health = await request(dash.port, "GET", "/healthz")
     assert (health.status, health.body) == (200, b"ok\n")
     assert not {"server", "x-powered-by"} & set(health.headers)
-    static = ["/static/app.js", "/static/style.css", "/static/index.html",
-              "/static/favicon.svg", "/favicon.ico", "/index.html"]
+    static = ["/static/js/main.js", "/static/js/panels/clients.js", "/static/style.css",
+              "/static/index.html", "/static/favicon.svg", "/favicon.ico", "/index.html"]
     wrong = basic("admin", new_password())
     for i, (method, route) in enumerate([*ROUTES, *[("GET", p) for p in static]]):
         for auth, source in ((None, None), (wrong, f"127.0.9.{i + 1}")):
@@ -1270,7 +1275,7 @@ async def test_S10_client_supplied_strings_render_escaped(tmp_path: Path,
     assert not re.search(r"\son[a-z]+\s*=", html, re.IGNORECASE)
     for script in re.findall(r"<script\b[^>]*>(.*?)</script>", html, re.S | re.IGNORECASE):
         assert script.strip() == "", "inline script in the page"
-    js = APP_JS.read_text(encoding="utf-8")
+    js = _page_js()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
                  "new Function"):
         assert sink not in js, sink

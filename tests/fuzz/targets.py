@@ -1,7 +1,9 @@
 """Fuzz targets for the parsers that read untrusted bytes off the link (reliability B-1).
 
 ``one_input(data)`` is the whole contract: it must return for any ``data``, and raise only
-``AssertionError`` (a broken invariant, which the fuzzer reports with the input). Atheris
+``AssertionError`` (a broken invariant, which the fuzzer reports with the input). Each
+target returns what it read (frames, mux events, delivered messages), so that a test can
+check that a valid input is read and not just survived. Atheris
 drives it coverage-guided (``fuzz_link.py``, 10 min at night); CI runs it on seeds and on
 random bytes, so the harness itself cannot rot. The first byte picks the target:
 
@@ -21,10 +23,10 @@ import asyncio
 import struct
 
 from tests.recording_transport import RecordingTransport
-from tunnel.common.aio.wsframing import WsFraming
+from tunnel.common.aio.wsframing import Message, WsFraming
 from tunnel.common.errors import FrameError, RemoteProtocolError
-from tunnel.common.proto.frames import decode_frames, encode_frame
-from tunnel.common.proto.mux import Mux, Role
+from tunnel.common.proto.frames import Frame, decode_frames, encode_frame
+from tunnel.common.proto.mux import Event, Mux, Role
 
 __all__ = ["SEEDS", "TARGETS", "one_input"]
 
@@ -48,30 +50,35 @@ def _chunks(data: bytes) -> list[bytes]:
     return pieces
 
 
-def fuzz_frames(data: bytes) -> None:
+def fuzz_frames(data: bytes) -> list[Frame]:
+    """The frames ``data`` decodes to; none if the codec refused it."""
     try:
         frames = decode_frames(data)
     except FrameError:
-        return
+        return []
     assert b"".join(encode_frame(frame) for frame in frames) == data
+    return frames
 
 
-def fuzz_mux(data: bytes) -> None:
+def fuzz_mux(data: bytes) -> list[Event]:
+    """The events the mux reported, up to the first protocol error."""
+    events: list[Event] = []
     if not data:
-        return
+        return events
     mux = Mux(Role.RELAY if data[0] & 1 else Role.CLIENT)
     for message in _chunks(data[1:]):
         try:
-            mux.receive(message)
+            events += mux.receive(message)
         except RemoteProtocolError:
-            return
+            return events
         finally:
             assert mux.pending_data_bytes >= 0 and mux.urgent_bytes() >= 0
         while (out := mux.next_message()) is not None:
             decode_frames(out)  # our own replies are always well-formed
+    return events
 
 
-async def _feed_ws(data: bytes) -> None:
+async def _feed_ws(data: bytes) -> list[Message]:
     framing = WsFraming(client=bool(data[0] & 1), max_message_size=WS_MAX_MESSAGE,
                         close_timeout=0.01, mask_key=lambda n: b"\x01\x02\x03\x04")
     transport = RecordingTransport()
@@ -92,7 +99,8 @@ async def _feed_ws(data: bytes) -> None:
         else:  # as a transport that hands over bytes (asyncio's TLS)
             framing.data_received(piece)
     delivered = framing._queued
-    for message in list(framing._queue):
+    messages = list(framing._queue)
+    for message in messages:
         assert len(message) <= WS_MAX_MESSAGE
     if transport.closing:
         framing.data_received(b"\x82\x01x")  # a frame after the failure: ignored
@@ -100,18 +108,20 @@ async def _feed_ws(data: bytes) -> None:
         await asyncio.sleep(0)  # the transport's close ends the protocol on the next turn
     else:
         framing.connection_lost(None)
+    return messages
 
 
 _LOOP: asyncio.AbstractEventLoop | None = None
 
 
-def fuzz_wsframing(data: bytes) -> None:
+def fuzz_wsframing(data: bytes) -> list[Message]:
+    """The messages the framing delivered (before it failed the connection, if it did)."""
     if not data:
-        return
+        return []
     global _LOOP
     if _LOOP is None:
         _LOOP = asyncio.new_event_loop()
-    _LOOP.run_until_complete(_feed_ws(data))
+    return _LOOP.run_until_complete(_feed_ws(data))
 
 
 TARGETS = (fuzz_frames, fuzz_mux, fuzz_wsframing)

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -542,20 +539,3 @@ async def test_closed_sqlite_store_refuses_writes(tmp_path: Path) -> None:
     await store.close()
     with pytest.raises(LeaseStoreError, match="closed"):
         await store.delete(6000)
-
-
-async def test_a_claim_survives_kill_9_right_after_it(tmp_path: Path) -> None:
-    path = tmp_path / "leases.db"
-    script = (
-        "import asyncio, os, signal, sys\n"
-        "from pathlib import Path\n"
-        "from tunnel.server.leases import Lease, SqliteLeaseStore\n"
-        "store = SqliteLeaseStore(Path(sys.argv[1]))\n"
-        "lease = Lease(6000, 'alice', 'fixed', '127.0.0.1:22', 1.0, 1.0)\n"
-        "assert asyncio.run(store.claim(lease, None))\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script, str(path)], check=False)
-    assert proc.returncode == -signal.SIGKILL
-    async with SqliteLeaseStore(path) as store:
-        assert await store.load() == [Lease(6000, "alice", "fixed", "127.0.0.1:22", 1.0, 1.0)]

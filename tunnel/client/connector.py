@@ -29,7 +29,6 @@ from tunnel.client.tls import tls_connection, transport_url
 from tunnel.common.aio.link import Link, LinkClosed
 from tunnel.common.aio.runtime import limit_unsent
 from tunnel.common.aio.tls import client_ssl_context
-from tunnel.common.aio.wsframing import framing_enabled, take_over
 from tunnel.common.errors import (
     AuthError,
     ClaimRefused,
@@ -73,6 +72,9 @@ _RETRYABLE = (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, LinkClo
               RemoteProtocolError)
 
 log = logging.getLogger("tunnel.client")
+
+#: The relay's answer to one port claim.
+Reply = msg.Exposed | msg.ExposeRefused
 
 
 def backoff(initial: float = BACKOFF_INITIAL, factor: float = BACKOFF_FACTOR,
@@ -184,7 +186,7 @@ class Connector:
                         heartbeat_interval=HEARTBEAT_BOUNDS[1],
                         heartbeat_timeout=HEARTBEAT_BOUNDS[1])
             await self._login(link)
-            replies: dict[int, asyncio.Future[dict[str, Any]]] = {
+            replies: dict[int, asyncio.Future[Reply]] = {
                 tid: asyncio.get_running_loop().create_future() for tid in self.tunnels}
             link.on_control = lambda _link, message: self._on_control(replies, message)
             link.on_open = self.dialer.on_open
@@ -222,57 +224,53 @@ class Connector:
             except Exception:  # a broken sensor must never take the tunnel down
                 log.exception("telemetry sample failed")
                 sample = {"gpu_status": "telemetry failed"}
-            link.mux.send_control({"type": msg.TELEMETRY, **sample})
-            link.kick()
+            link.send_control(msg.Telemetry(sample))
             await asyncio.sleep(self.telemetry_interval)
 
     async def _login(self, link: Link) -> None:
-        challenge = msg.parse(await link.receive_control(HANDSHAKE_TIMEOUT), msg.CHALLENGE)
-        if challenge["version"] != PROTOCOL_VERSION:
+        challenge = msg.parse(await link.receive_control(HANDSHAKE_TIMEOUT), msg.Challenge)
+        if challenge.version != PROTOCOL_VERSION:
             raise ConfigError("--server", self.settings.server_url,
-                              f"the relay speaks protocol {challenge['version']}, this client "
+                              f"the relay speaks protocol {challenge.version}, this client "
                               f"speaks {PROTOCOL_VERSION}: install matching versions")
-        server_nonce = msg.b64decode(challenge["nonce"], "nonce")
+        server_nonce = msg.b64decode(challenge.nonce, "nonce")
         if len(server_nonce) != NONCE_SIZE:
             raise RemoteProtocolError("relay nonce of wrong size")
-        if framing_enabled() and isinstance(link.ws, ClientConnection):
-            # The relay sends nothing more until our answer: switch to our framing now,
-            # while websockets holds none of its bytes (wsframing.py says why).
-            link.ws = take_over(link.ws, max_message_size=MAX_MESSAGE_SIZE)
-        client_nonce = new_nonce()
-        auth: dict[str, Any] = {"type": msg.AUTH, "nonce": msg.b64encode(client_nonce),
-                                "client_version": __version__}
-        private = self.settings.private_key
-        if private is not None:
-            # Imported here: cryptography's key modules would cost every token client's start.
-            from tunnel.common.config.credentials import key_id, public_key_of, sign
-
-            signature = sign(private, login_message(server_nonce, client_nonce))
-            auth["key_id"] = key_id(public_key_of(private))
-            auth["signature"] = msg.b64encode(signature)
-        else:
-            auth["proof"] = msg.b64encode(client_proof(self.key, server_nonce, client_nonce))
-        await link.send_now(auth)
+        # The relay sends nothing more until our answer: switch to our framing now,
+        # while websockets holds none of its bytes (wsframing.py says why).
+        link.take_over_framing()
+        await link.send_now(self._auth(server_nonce, new_nonce()))
         reply = msg.parse(await link.receive_control(HANDSHAKE_TIMEOUT),
-                          msg.WELCOME, msg.REFUSED)
-        if reply["type"] == msg.REFUSED:
-            raise AuthError(reply["reason"])
+                          msg.Welcome, msg.Refused)
+        if isinstance(reply, msg.Refused):
+            raise AuthError(reply.reason)
         low, high = HEARTBEAT_BOUNDS
-        link.name = reply["client"][:64]
+        link.name = reply.client[:64]
         link.log = logging.LoggerAdapter(log, {"client": link.name})
-        link.heartbeat_interval = min(high, max(low, float(reply["heartbeat_interval"])))
-        link.heartbeat_timeout = min(high, max(low, float(reply["heartbeat_timeout"])))
-        streams = reply.get("max_streams")
-        if isinstance(streams, int) and not isinstance(streams, bool):
-            link.mux.max_streams = min(MAX_STREAMS_LIMIT, max(1, streams))
+        link.heartbeat_interval = min(high, max(low, float(reply.heartbeat_interval)))
+        link.heartbeat_timeout = min(high, max(low, float(reply.heartbeat_timeout)))
+        if reply.max_streams is not None:
+            link.set_max_streams(min(MAX_STREAMS_LIMIT, max(1, reply.max_streams)))
         log.info("logged in to %s as %s", self.settings.server_url, link.name)
 
-    async def _announce(self, link: Link, replies: dict[int, asyncio.Future[dict[str, Any]]],
+    def _auth(self, server_nonce: bytes, client_nonce: bytes) -> msg.Auth:
+        """Our answer to the challenge: a signature (key clients) or a proof (token)."""
+        nonce = msg.b64encode(client_nonce)
+        private = self.settings.private_key
+        if private is None:
+            proof = client_proof(self.key, server_nonce, client_nonce)
+            return msg.Auth(nonce, __version__, proof=msg.b64encode(proof))
+        # Imported here: cryptography's key modules would cost every token client's start.
+        from tunnel.common.config.credentials import key_id, public_key_of, sign
+
+        signature = sign(private, login_message(server_nonce, client_nonce))
+        return msg.Auth(nonce, __version__, key_id=key_id(public_key_of(private)),
+                        signature=msg.b64encode(signature))
+
+    async def _announce(self, link: Link, replies: dict[int, asyncio.Future[Reply]],
                         runner: asyncio.Task[None]) -> None:
         for tid, spec in self.tunnels.items():
-            link.mux.send_control({"type": msg.EXPOSE, "id": tid, "target": spec.target,
-                                   "mode": spec.mode, "port": spec.remote_port})
-        link.kick()
+            link.send_control(msg.Expose(tid, spec.target, spec.mode, spec.remote_port))
         waiting: asyncio.Future[Any] = asyncio.gather(*replies.values())
         watched: set[asyncio.Future[Any]] = {waiting, runner}
         done, _ = await asyncio.wait(watched, timeout=EXPOSE_TIMEOUT,
@@ -284,23 +282,23 @@ class Connector:
         for tid, future in replies.items():
             reply = future.result()
             spec = self.tunnels[tid]
-            if reply["type"] == msg.EXPOSED:
-                self.announce(f"{spec.target} -> {self.settings.server_host}:{reply['port']} "
-                              f"({reply['mode']})")
+            if isinstance(reply, msg.Exposed):
+                self.announce(f"{spec.target} -> {self.settings.server_host}:{reply.port} "
+                              f"({reply.mode})")
             elif refused is None:
-                refused = ClaimRefused(reply["port"], reply["reason"])
+                refused = ClaimRefused(reply.port, reply.reason)
         if refused is not None:
             await link.close(GoAwayCode.NORMAL, "port claim refused")
             raise refused
 
-    def _on_control(self, replies: dict[int, asyncio.Future[dict[str, Any]]],
+    def _on_control(self, replies: dict[int, asyncio.Future[Reply]],
                     message: dict[str, Any]) -> None:
-        reply = msg.parse(message, msg.EXPOSED, msg.EXPOSE_REFUSED, msg.ERROR)
-        if reply["type"] == msg.ERROR:
-            raise RemoteProtocolError(f"relay error: {reply['message'][:200]}")
-        future = replies.get(reply["id"])
+        reply = msg.parse(message, msg.Exposed, msg.ExposeRefused, msg.Error)
+        if isinstance(reply, msg.Error):
+            raise RemoteProtocolError(f"relay error: {reply.message[:200]}")
+        future = replies.get(reply.id)
         if future is None or future.done():
-            raise RemoteProtocolError(f"reply for unknown tunnel id {reply['id']}")
+            raise RemoteProtocolError(f"reply for unknown tunnel id {reply.id}")
         future.set_result(reply)
 
 

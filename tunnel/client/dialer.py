@@ -131,8 +131,7 @@ class Dialer:
         if spec is None:
             link.log.warning("client %s stream %d: unknown tunnel id %d", link.name,
                              event.stream_id, event.tunnel_id)
-            link.mux.reset(event.stream_id, ResetCode.REFUSED)
-            link.kick()
+            link.reset_stream(event.stream_id, ResetCode.REFUSED)
             return
         sock = _DialedSocket()
         sock.attach(link, event.stream_id)
@@ -144,7 +143,7 @@ class Dialer:
 
     def _enqueue(self, pending: _Pending) -> None:
         """Queue a stream; entries of streams already reset (or of a dead link) go first."""
-        if len(self._queue) >= pending.link.mux.max_streams:
+        if len(self._queue) >= pending.link.max_streams:
             self._queue = deque(p for p in self._queue if not p.sock.closed)
         self._queue.append(pending)
 
@@ -207,8 +206,7 @@ class Dialer:
         if not sock.closed:
             sock.closed = True
             link.forget(sock)
-            link.mux.reset(sock.stream_id, ResetCode.REFUSED)
-            link.kick()
+            link.reset_stream(sock.stream_id, ResetCode.REFUSED)
 
     def _report(self, link: Link, stream_id: int, spec: ExposeSpec, peer: str,
                 exc: BaseException) -> None:

@@ -21,7 +21,6 @@ from websockets.http11 import Request, Response
 
 from tunnel import __version__
 from tunnel.common.aio.link import Link, LinkClosed
-from tunnel.common.aio.wsframing import framing_enabled, set_max_message_size, take_over
 from tunnel.common.config.credentials import verify
 from tunnel.common.errors import ClaimRefused, RemoteProtocolError
 from tunnel.common.proto import messages as msg
@@ -87,11 +86,11 @@ class ControlHandler:
             await ws.close(CLOSE_TRY_LATER, "try again later")
             return
         try:
-            ws.protocol.max_message_size = PRE_AUTH_MAX_MESSAGE
             link = Link(ws, Mux(Role.RELAY, max_streams=relay.config.max_streams), name="?",
                         logger=log,
                         heartbeat_interval=relay.config.heartbeat_interval,
                         heartbeat_timeout=relay.config.heartbeat_timeout, group=relay.links)
+            link.set_max_message_size(PRE_AUTH_MAX_MESSAGE)
             watchdog = asyncio.create_task(link.watchdog())
             try:
                 hello = await self._login(link, source)
@@ -105,7 +104,7 @@ class ControlHandler:
         if hello is None:
             return
         name, version = hello
-        set_max_message_size(link.ws, MAX_MESSAGE_SIZE)
+        link.set_max_message_size(MAX_MESSAGE_SIZE)
         await self._serve(link, name, version, source)
 
     def _hold_preauth(self, ws: ServerConnection, source: str) -> bool:
@@ -119,15 +118,14 @@ class ControlHandler:
         nonce = new_nonce()
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                if framing_enabled() and isinstance(link.ws, ServerConnection):
-                    # The client sends nothing before our challenge: switch to our framing
-                    # now, while websockets holds none of its bytes (wsframing.py says why).
-                    link.ws = take_over(link.ws, max_message_size=PRE_AUTH_MAX_MESSAGE)
-                await link.send_now({"type": msg.CHALLENGE, "version": PROTOCOL_VERSION,
-                                     "nonce": msg.b64encode(nonce),
-                                     "server_version": __version__})
-                auth = msg.parse(await link.receive_control(HANDSHAKE_TIMEOUT), msg.AUTH)
-                client_nonce = msg.b64decode(auth["nonce"], "nonce")
+                # The client sends nothing before our challenge: switch to our framing
+                # now, while websockets holds none of its bytes (wsframing.py says why).
+                link.take_over_framing()
+                await link.send_now(msg.Challenge(PROTOCOL_VERSION, msg.b64encode(nonce),
+                                                  __version__))
+                raw = await link.receive_control(HANDSHAKE_TIMEOUT)
+                auth = msg.parse(raw, msg.Auth)
+                client_nonce = msg.b64decode(auth.nonce, "nonce")
                 if len(client_nonce) != NONCE_SIZE:
                     raise RemoteProtocolError("nonce of wrong size")
                 wait = self.relay.penalties.retry_after(source)
@@ -146,29 +144,29 @@ class ControlHandler:
             # A login that timed out or dropped guessed nothing: penalising it would lock a
             # whole lab behind one NAT address out after a slow moment (a relay busy with
             # a lab's logins at once times some out, L-3).
-            await _close_quietly(link, CLOSE_AUTH_FAILED, "handshake failed")
+            await link.close_websocket(CLOSE_AUTH_FAILED, "handshake failed")
             return None
         if name is None:
             self.relay.penalties.failed(source)
             log.warning("login refused from %s: %s", source, AUTH_FAILED)
             with contextlib.suppress(Exception):  # the peer may already be gone
-                await link.send_now({"type": msg.REFUSED, "reason": AUTH_FAILED})
-            await _close_quietly(link, CLOSE_AUTH_FAILED, AUTH_FAILED)
+                await link.send_now(msg.Refused(AUTH_FAILED))
+            await link.close_websocket(CLOSE_AUTH_FAILED, AUTH_FAILED)
             return None
         self.relay.penalties.succeeded(source)
-        claimed = _claimed_identity(auth, name)
+        claimed = _claimed_identity(raw, name)
         if claimed is not None:
             log.warning("login of client %s from %s refused: it claims to be %r",
                         name, source, claimed)
             with contextlib.suppress(Exception):
-                await link.send_now({"type": msg.REFUSED, "reason": AUTH_FAILED})
-            await _close_quietly(link, CLOSE_AUTH_FAILED, AUTH_FAILED)
+                await link.send_now(msg.Refused(AUTH_FAILED))
+            await link.close_websocket(CLOSE_AUTH_FAILED, AUTH_FAILED)
             return None
         if self._flapping(name):
             await self._try_later(link, source, f"client {name} replaced "
                                   f"{REPLACEMENT_FLAG}+ times a minute: two machines share it")
             return None
-        return name, str(auth["client_version"])[:64]
+        return name, auth.client_version[:64]
 
     def _flapping(self, name: str) -> bool:
         """A live identity replaced too often: refuse further replacements for a while.
@@ -185,19 +183,19 @@ class ControlHandler:
 
     async def _try_later(self, link: Link, source: str, why: str) -> None:
         log.warning("login from %s refused for now: %s", source, why)
-        await _close_quietly(link, CLOSE_TRY_LATER, "try again later")
+        await link.close_websocket(CLOSE_TRY_LATER, "try again later")
 
-    def _identify(self, auth: dict[str, Any], nonce: bytes, client_nonce: bytes) -> str | None:
+    def _identify(self, auth: msg.Auth, nonce: bytes, client_nonce: bytes) -> str | None:
         """The client that made this proof or signature, or None; same work either way."""
         message = login_message(nonce, client_nonce)
-        if isinstance(auth.get("signature"), str) and isinstance(auth.get("key_id"), str):
-            signature = msg.b64decode(auth["signature"], "signature")
-            name, public = self.relay.public_keys.get(auth["key_id"][:64],
+        if auth.signature is not None and auth.key_id is not None:
+            signature = msg.b64decode(auth.signature, "signature")
+            name, public = self.relay.public_keys.get(auth.key_id[:64],
                                                       ("", self.relay.decoy_key))
             ok = verify(public, message, signature)  # a decoy key keeps the timing equal
             return name if ok and name else None
-        if isinstance(auth.get("proof"), str):
-            proof = msg.b64decode(auth["proof"], "proof")
+        if auth.proof is not None:
+            proof = msg.b64decode(auth.proof, "proof")
             if len(proof) != PROOF_SIZE:
                 raise RemoteProtocolError("proof of wrong size")
             return identify(proof, nonce, client_nonce, self.relay.keys)
@@ -218,15 +216,14 @@ class ControlHandler:
         await relay.leases.mark_online(name)
         relay.presence(name, True)
         link.on_control = self._on_control
-        await link.send_now({"type": msg.WELCOME, "client": name,
-                             "heartbeat_interval": relay.config.heartbeat_interval,
-                             "heartbeat_timeout": relay.config.heartbeat_timeout,
-                             "max_streams": relay.config.max_streams})
+        await link.send_now(msg.Welcome(name, relay.config.heartbeat_interval,
+                                        relay.config.heartbeat_timeout,
+                                        relay.config.max_streams))
         log.info("client %s online from %s (version %s)", name, source, version)
         try:
             await link.run()
         finally:
-            relay.counters.stray_frames += link.mux.stray_frames
+            relay.counters.stray_frames += link.stray_frames
             if link.protocol_error is not None:
                 relay.counters.protocol_errors += 1
             await relay.leases.mark_offline(name)
@@ -238,21 +235,21 @@ class ControlHandler:
     # ------------------------------------------------------------ claims
 
     def _on_control(self, link: Link, message: dict[str, Any]) -> None:
-        request = msg.parse(message, msg.EXPOSE, msg.TELEMETRY)
-        claimed = _claimed_identity(request, link.name)
+        request = msg.parse(message, msg.Expose, msg.Telemetry)
+        claimed = _claimed_identity(message, link.name)
         if claimed is not None:
             # The link's identity is fixed at login; a message naming another client is an
             # attempt to act as it (reliability S-6), so this link closes, logged.
             raise RemoteProtocolError(f"client {link.name} sent a message claiming to be "
                                       f"client {claimed!r}")
-        if request["type"] == msg.TELEMETRY:
+        if isinstance(request, msg.Telemetry):
             self._on_telemetry(link, request)
             return
         task = asyncio.create_task(self._expose(link, request))
         self.relay.background.add(task)
         task.add_done_callback(self.relay.background.discard)
 
-    def _on_telemetry(self, link: Link, message: dict[str, Any]) -> None:
+    def _on_telemetry(self, link: Link, message: msg.Telemetry) -> None:
         """Keep the latest host figures; a client flooding them is throttled, not heard."""
         record = self.relay.registry.clients.get(link.name)
         if record is None or record.link is not link:
@@ -260,32 +257,30 @@ class ControlHandler:
         now = self.clock()
         if record.telemetry_at is not None and now - record.telemetry_at < MIN_TELEMETRY_GAP:
             return
-        data = normalize_telemetry(message)
+        data = normalize_telemetry(message.figures)
         record.telemetry, record.telemetry_at = data, now
         record.hostname = str(data.get("hostname") or "")
         record.os = str(data.get("os") or "")
 
-    async def _expose(self, link: Link, request: dict[str, Any]) -> None:
-        tunnel_id, target, mode = request["id"], request["target"], request["mode"]
+    async def _expose(self, link: Link, request: msg.Expose) -> None:
+        tunnel_id, target, mode = request.id, request.target, request.mode
         # Every expose on the wire today asks for a public TCP port.
-        claim = Claim(link.name, TunnelKind.PUBLIC_TCP, target, mode, request["port"])
+        claim = Claim(link.name, TunnelKind.PUBLIC_TCP, target, mode, request.port)
         try:
             async with self._claim_lock:
                 tunnel = await self.relay.bindings[claim.kind].claim(claim)
         except ClaimRefused as refused:
             link.log.warning("client %s: %s", link.name, refused)
-            link.mux.send_control({"type": msg.EXPOSE_REFUSED, "id": tunnel_id,
-                                   "port": refused.port, "reason": refused.reason})
-            link.kick()
+            link.send_control(msg.ExposeRefused(tunnel_id, refused.port, refused.reason))
             return
         if self.relay.registry.clients[link.name].link is not link:
             return  # the link was replaced while we were binding
         self.relay.registry.route(tunnel.key, link, tunnel_id)
         bound = tunnel.port
-        link.log.info("client %s: tunnel %s -> port %s (%s) live", link.name, target, bound, mode)
-        link.mux.send_control({"type": msg.EXPOSED, "id": tunnel_id, "port": bound,
-                               "mode": mode})
-        link.kick()
+        assert bound is not None, "a public TCP tunnel always has its port"
+        link.log.info("client %s: tunnel %s -> port %d (%s) live", link.name, target, bound, mode)
+        link.send_control(msg.Exposed(tunnel_id, bound, mode))
+
 
 def _claimed_identity(message: dict[str, Any], name: str) -> str | None:
     """The other client a message names in an identity field, if any (truncated)."""
@@ -305,13 +300,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "handshake timeout"
     return str(exc) or type(exc).__name__
-
-
-async def _close_quietly(link: Link, code: int, reason: str) -> None:
-    try:
-        async with asyncio.timeout(1.0):
-            await link.ws.close(code, reason)
-    except Exception:  # closing a misbehaving peer must never raise
-        link.ws.transport.abort()
-
-

@@ -50,13 +50,12 @@ class VisitorSocket(StreamSocket):
             self._turn_away(transport)
             return
         try:
-            stream_id = link.mux.open_stream(self.tunnel.tunnel_id, self.peer)
+            stream_id = link.open_stream(self.tunnel.tunnel_id, self.peer)
         except LocalProtocolError as exc:
             self._turn_away(transport, f"visitor {self.peer} refused: {exc}")
             return
         self.attach(link, stream_id)
         self.tunnel.connections.add(self)
-        link.kick()
         super().connection_made(transport)
 
     def _turn_away(self, transport: asyncio.BaseTransport, why: str | None = None) -> None:

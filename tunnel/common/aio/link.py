@@ -28,9 +28,10 @@ from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
 from tunnel.common.aio.budget import READ_SIZE, LinkGroup, read_buffer
-from tunnel.common.aio.wsframing import WsFraming
+from tunnel.common.aio.wsframing import WsFraming, take_over
 from tunnel.common.errors import RemoteProtocolError
 from tunnel.common.proto.frames import MAX_DATA_PAYLOAD
+from tunnel.common.proto.messages import Message
 from tunnel.common.proto.mux import (
     ControlReceived,
     DataReceived,
@@ -82,6 +83,8 @@ STREAM_READ_SQUEEZED = 16 * 1024
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
+#: Longest a WebSocket close of a link that never ran (a failed login) may take.
+LOGIN_CLOSE_TIMEOUT = 1.0
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -387,13 +390,20 @@ ControlHandler = Callable[["Link", dict[str, Any]], None]
 
 
 class Link:
-    """One end of a link: a websockets connection, a mux, its streams and timers."""
+    """One end of a link: a WebSocket connection, a mux, its streams and timers.
+
+    The roles (tunnel/server, tunnel/client) use only the methods below: each one that
+    queues output wakes the writer itself, so no caller can leave a frame unsent. ``ws`` and
+    ``mux`` are this adapter's own (tests read them); no role touches them.
+    """
 
     def __init__(self, ws: Connection | WsFraming, mux: Mux, *, name: str, logger: logging.Logger,
                  heartbeat_interval: float, heartbeat_timeout: float,
                  clock: Callable[[], float] | None = None,
                  group: LinkGroup | None = None) -> None:
-        self.ws = ws  # websockets' connection; our WsFraming once the login switched to it
+        #: websockets' connection for the opening handshake; our WsFraming once the login
+        #: took over the framing (:meth:`take_over_framing`).
+        self.ws: Connection | WsFraming = ws
         self.mux = mux
         self.name = name
         self.log = logging.LoggerAdapter(logger, {"client": name})
@@ -422,12 +432,83 @@ class Link:
         self._ping_sent: dict[int, float] = {}
         self._closing = False
         self._goaway: int | None = None
+        if isinstance(ws, WsFraming):
+            self._hook(ws)
+
+    # ------------------------------------------------------------ the roles' operations
+
+    def send_control(self, message: Message) -> None:
+        """Queue a control message for the writer (while :meth:`run` runs)."""
+        self.mux.send_control(message.to_wire())
+        self.kick()
+
+    def open_stream(self, tunnel_id: int, peer: str) -> int:
+        """Open a stream to the peer for a visitor; raises LocalProtocolError at the limit."""
+        stream_id = self.mux.open_stream(tunnel_id, peer)
+        self.kick()
+        return stream_id
+
+    def reset_stream(self, stream_id: int, code: ResetCode = ResetCode.REFUSED) -> None:
+        """Refuse or end a stream the peer opened or that we opened."""
+        self.mux.reset(stream_id, code)
+        self.kick()
+
+    @property
+    def max_streams(self) -> int:
+        """Most streams open at once on this link (the relay's setting, told at login)."""
+        return self.mux.max_streams
+
+    def set_max_streams(self, count: int) -> None:
+        self.mux.max_streams = count
+
+    @property
+    def stray_frames(self) -> int:
+        """Frames the peer sent for streams that no longer exist (a count for the relay)."""
+        return self.mux.stray_frames
+
+    def set_max_message_size(self, size: int | None) -> None:
+        """Change the largest message accepted (the relay raises it after the login)."""
+        ws = self.ws
+        if isinstance(ws, WsFraming):
+            ws.max_message_size = size
+        else:
+            ws.protocol.max_message_size = size
+
+    def take_over_framing(self) -> None:
+        """Move the link from websockets' framing to ours (wsframing.py), keeping the
+        message size limit. Call it only where the peer waits for us, so websockets holds
+        none of its bytes (the relay: before the challenge; the client: after reading it);
+        otherwise RemoteProtocolError."""
+        ws = self.ws
+        if isinstance(ws, WsFraming):
+            return
+        framing = take_over(ws, max_message_size=ws.protocol.max_message_size)
+        self.ws = framing
+        self._hook(framing)
+
+    def _hook(self, framing: WsFraming) -> None:
+        """Check the send buffer each time the framing wrote a reply of its own (see
+        :meth:`watchdog`), for the rest of the link's life."""
+        framing.on_reply_written = self._check_write_buffer
+
+    async def close_websocket(self, code: int, reason: str,
+                              timeout: float = LOGIN_CLOSE_TIMEOUT) -> None:
+        """End a link that never ran (a failed login) with this WebSocket close code.
+
+        Bounded by ``timeout``; a peer that does not finish the close is dropped. Never
+        raises: closing a misbehaving peer must not fail the caller.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self.ws.close(code, reason)
+        except Exception:
+            self.ws.transport.abort()
 
     # ------------------------------------------------------------ handshake helpers
 
-    async def send_now(self, message: dict[str, Any]) -> None:
+    async def send_now(self, message: Message) -> None:
         """Send a control message directly (before :meth:`run` starts the writer)."""
-        self.mux.send_control(message)
+        self.mux.send_control(message.to_wire())
         while (out := self.mux.next_message()) is not None:
             await self.ws.send(out)
 
@@ -656,28 +737,17 @@ class Link:
     async def watchdog(self) -> None:
         """Drop the link when the peer stops reading (also run during the login).
 
-        Replies the WebSocket library writes on its own (pongs) bypass our writer's
-        backpressure. A timer alone is too slow for them: one event-loop turn may read
-        megabytes of pings (uvloop reads up to 32 times per socket per turn), so the buffer is
-        also checked each time the library has written, in the read path (reliability B-7).
+        Replies the framing writes on its own (pongs) bypass our writer's backpressure. A
+        timer alone is too slow for them: one event-loop turn may read megabytes of pings
+        (uvloop reads up to 32 times per socket per turn), so the framing also calls
+        :meth:`_check_write_buffer` each time it wrote one, in the read path (reliability
+        B-7; installed by :meth:`_hook`). This loop is the timer, and the check for resets
+        of paused sockets.
         """
-        ws = self.ws
-        original: Callable[[Any], None] = type(ws).send_data
-
-        def send_data() -> None:
-            original(ws)
-            self._check_write_buffer()
-
-        setattr(ws, "send_data", send_data)  # noqa: B010 - hook this one connection
-        try:
-            while not self._check_write_buffer():
-                await asyncio.sleep(WATCHDOG_INTERVAL)
-                for sock in list(self.paused):
-                    sock.check_reset()
-        finally:
-            # Only our own hook: the login's watchdog may end after the session's started.
-            if vars(ws).get("send_data") is send_data:
-                delattr(ws, "send_data")
+        while not self._check_write_buffer():
+            await asyncio.sleep(WATCHDOG_INTERVAL)
+            for sock in list(self.paused):
+                sock.check_reset()
 
     def _check_write_buffer(self) -> bool:
         """Abort the link if the peer let our send buffer pass the limit; True if so."""

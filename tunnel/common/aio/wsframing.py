@@ -20,8 +20,11 @@ done (websockets keeps the handshake, its HTTP parsing and ``process_request``) 
 
 It offers the small surface :class:`~tunnel.common.aio.link.Link` uses: :meth:`recv`,
 :meth:`send`, :meth:`close` and ``transport``. Received text messages are returned as
-``str`` so the Link rejects them as it does under websockets. ``TUNNEL_WS_FRAMING=0`` keeps the
-websockets connection for the whole link (a kill switch, and the bench's A/B baseline).
+``str`` so the Link rejects them as it does under websockets.
+
+Taking over reads websockets' connection state (its parser and buffers, see
+:func:`_websockets_idle`), which is not public API: pyproject.toml allows only the websockets
+versions CI runs the link tests on (``.ci/run``: the lowest and the highest allowed).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import collections
 import logging
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, cast
 
 from websockets.asyncio.connection import Connection
@@ -56,14 +59,11 @@ __all__ = [
     "CLOSE_NORMAL",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_TOO_BIG",
-    "ENV_SWITCH",
     "RECV_HIGH_WATER",
     "WRITE_HIGH_WATER",
     "WsFraming",
     "apply_mask",
     "encode_frame",
-    "framing_enabled",
-    "set_max_message_size",
     "take_over",
 ]
 
@@ -105,8 +105,6 @@ MIN_SCRATCH = 1024
 DIRECT_READ_MIN = 16 * 1024
 #: Payloads up to this size are joined with their header into one write.
 SMALL_WRITE = 4096
-#: Environment switch: "0" keeps websockets' own framing for the whole link.
-ENV_SWITCH = "TUNNEL_WS_FRAMING"
 
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
@@ -158,11 +156,6 @@ def encode_frame(opcode: int, payload: bytes | bytearray | memoryview, *, fin: b
     if mask is not None:
         return [header + mask, apply_mask(payload, mask)]
     return [header, payload]
-
-
-def framing_enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether links switch to this framing after the handshake (default: yes)."""
-    return environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "off", "no", "false"}
 
 
 def _valid_close_code(code: int) -> bool:
@@ -232,6 +225,11 @@ class WsFraming(asyncio.BufferedProtocol):
         self._lost = False
         self._lost_waiter: asyncio.Future[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        #: Called after this layer wrote a reply of its own (a pong) in the read path.
+        #: Those replies bypass the Link's writer and its backpressure; the Link sets this
+        #: to check the send buffer at once, so a ping flood from a peer that never reads
+        #: is cut off at the limit rather than at the next timer tick (reliability B-7).
+        self.on_reply_written: Callable[[], object] | None = None
 
     # ------------------------------------------------------------ taking over
 
@@ -546,7 +544,8 @@ class WsFraming(asyncio.BufferedProtocol):
         elif op == OP_PING:
             if self.close_sent is None and not self._lost:
                 self._write(OP_PONG, bytes(payload))
-                self.send_data()
+                if self.on_reply_written is not None:
+                    self.on_reply_written()
         elif op == OP_CLOSE:
             self._on_close(payload)
         # OP_PONG: we never send pings at this layer (the mux has its own); ignore.
@@ -609,15 +608,6 @@ class WsFraming(asyncio.BufferedProtocol):
             transport.abort()
 
     # ------------------------------------------------------------ writing and closing
-
-    def send_data(self) -> None:
-        """Called after this layer wrote a reply of its own (a pong) in the read path.
-
-        Those replies bypass the Link's writer and its backpressure; the Link's watchdog hooks
-        this method on the instance (as it does websockets' ``send_data``) to check the
-        send buffer at once, so a ping flood from a peer that never reads is cut off at the
-        limit rather than at the next timer tick (reliability B-7).
-        """
 
     def _write(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
         mask = self._mask_key(4) if self.client else None
@@ -708,10 +698,3 @@ def take_over(ws: Connection, *, max_message_size: int | None,
     framing.attach(ws.transport, previous=ws)
     return framing
 
-
-def set_max_message_size(ws: Connection | WsFraming, size: int | None) -> None:
-    """Change the largest accepted message (the relay raises it after the login)."""
-    if isinstance(ws, WsFraming):
-        ws.max_message_size = size
-    else:
-        ws.protocol.max_message_size = size

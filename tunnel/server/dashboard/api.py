@@ -59,7 +59,7 @@ class Api:
         router = Router()
         router.add("GET", HEALTH_PATH, self.health)
         router.add("GET", "/", self.index)
-        router.add("GET", r"/static/(?P<file>[^/]+)", self.static_file)
+        router.add("GET", r"/static/(?P<file>[^/]+(?:/[^/]+)*)", self.static_file)
         router.add("GET", "/metrics", self.prometheus)
         router.add("GET", "/api/status", self.status)
         router.add("GET", "/api/clients", self.clients)

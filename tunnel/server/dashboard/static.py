@@ -1,8 +1,12 @@
-"""The page's files: ``/`` is ``index.html``, ``/static/NAME`` a file of the same folder.
+"""The page's files: ``/`` is ``index.html``, ``/static/PATH`` a file under the same folder.
 
-Only plain names (``[A-Za-z0-9._-]+``, no leading dot) of regular files directly in the
-folder are served, with a content type from a short whitelist: no directory traversal, no
-symlink leaving the folder, no dotfiles, nothing the browser would have to guess about.
+``PATH`` is one to :data:`MAX_DEPTH` plain names (``[A-Za-z0-9._-]+``, no leading dot)
+joined by ``/``, naming a regular file with a content type from a short whitelist. The
+request target is not percent-decoded, so ``%2e%2e`` is just an unusual name that matches
+nothing; no segment may start with a dot, so ``..`` never reaches the file system; and the
+resolved path must be the literal one, so a symlink (to a file or a folder, inside the
+folder or out of it) is refused: no directory traversal, no dotfiles, nothing the browser
+would have to guess about.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ from pathlib import Path
 
 from tunnel.server.dashboard.http import Response
 
-__all__ = ["CONTENT_TYPES", "MAX_STATIC_BYTES", "STATIC_DIR", "StaticFiles"]
+__all__ = ["CONTENT_TYPES", "MAX_DEPTH", "MAX_STATIC_BYTES", "STATIC_DIR", "StaticFiles"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_STATIC_BYTES = 4 * 1024 * 1024
+MAX_DEPTH = 4  # segments of a static path: js/panels/clients.js is 3
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -38,12 +43,19 @@ class StaticFiles:
         self.root = root.resolve()
 
     def _path(self, name: str) -> Path | None:
-        if not NAME_RE.fullmatch(name):
+        segments = name.split("/")
+        if len(segments) > MAX_DEPTH or not all(NAME_RE.fullmatch(s) for s in segments):
             return None
-        path = (self.root / name).resolve()
-        if path.parent != self.root or path.suffix.lower() not in CONTENT_TYPES:
+        literal = self.root.joinpath(*segments)
+        if literal.suffix.lower() not in CONTENT_TYPES:
             return None
-        return path
+        try:
+            resolved = literal.resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, unreadable, a symlink loop
+            return None
+        if resolved != literal:  # a symlink somewhere on the way
+            return None
+        return resolved
 
     async def serve(self, name: str) -> Response:
         path = self._path(name)

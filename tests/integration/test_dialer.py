@@ -150,7 +150,7 @@ async def _link_pair(targets: dict[int, int], *, max_in_flight: int = MAX_PENDIN
 
 
 def _logger() -> logging.Logger:
-    return logging.getLogger("tests.unit.dialer")
+    return logging.getLogger("tests.integration.dialer")
 
 
 def _watch_in_flight(pair: _Pair) -> None:

@@ -45,9 +45,21 @@ async def _paused_stream(
     return link, stream, server, peer
 
 
-async def _settle() -> None:
-    for _ in range(50):  # let the RST reach the socket (loopback: microseconds)
-        await asyncio.sleep(0.01)
+async def _reset_arrived(stream: StreamSocket) -> None:
+    """Wait until the peer's RST has reached the stream's socket, without reading it: a
+    socket with a pending error is readable, so a duplicate of its descriptor (the loop
+    watches none while reading is paused) tells when, and SO_ERROR stays for the link."""
+    assert stream.transport is not None
+    probe = stream.transport.get_extra_info("socket").dup()
+    arrived = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(probe.fileno(), arrived.set)
+    try:
+        async with asyncio.timeout(5):
+            await arrived.wait()
+    finally:
+        loop.remove_reader(probe.fileno())
+        probe.close()
 
 
 def _assert_reset_as_aborted(link: Link, stream: StreamSocket) -> None:
@@ -61,7 +73,7 @@ def _assert_reset_as_aborted(link: Link, stream: StreamSocket) -> None:
 async def test_reset_while_paused_resets_the_stream() -> None:
     link, stream, server, _ = await _paused_stream(reset_peer=True)
     try:
-        await _settle()
+        await _reset_arrived(stream)
         assert not stream.closed  # nothing polls a paused socket by itself
         stream.check_reset()
         _assert_reset_as_aborted(link, stream)
@@ -72,8 +84,7 @@ async def test_reset_while_paused_resets_the_stream() -> None:
 async def test_live_paused_socket_is_left_alone() -> None:
     link, stream, server, peer = await _paused_stream(reset_peer=False)
     try:
-        await _settle()
-        stream.check_reset()
+        stream.check_reset()  # nothing to wait for: no RST is coming
         assert not stream.closed and 1 in link.streams
         assert link.mux.next_message() is None
     finally:
@@ -89,7 +100,7 @@ async def test_remote_eof_after_an_unnoticed_reset_resets_only_the_stream() -> N
     and took the whole link (every other stream of that client) down with it."""
     link, stream, server, _ = await _paused_stream(reset_peer=True)
     try:
-        await _settle()
+        await _reset_arrived(stream)
         assert not stream.closed
         stream.remote_eof()  # must not raise
         _assert_reset_as_aborted(link, stream)

@@ -143,7 +143,7 @@ class FakeRelay:
         self.disconnected.append(name)
         return True
 
-    def release_lease(self, port: int) -> bool:
+    async def release_lease(self, port: int) -> bool:
         before = len(self.leases.items)
         self.leases.items = [item for item in self.leases.items if item.port != port]
         self.released.append(port)

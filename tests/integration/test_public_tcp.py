@@ -51,16 +51,16 @@ def is_bound(port: int) -> bool:
 async def test_a_claim_binds_its_port_and_a_release_frees_it() -> None:
     (port,) = free_ports(1)
     registry, clock = Registry(), Clock()
-    public = binding(PortSet.of(port), LeaseBook(MemoryLeaseStore(), PortSet.of(port),
-                                                 lambda _: PortSet.of(port), clock=clock),
-                     registry)
+    book = await LeaseBook.open(MemoryLeaseStore(), PortSet.of(port), lambda _: PortSet.of(port),
+                                clock=clock)
+    public = binding(PortSet.of(port), book, registry)
     tunnel = await public.claim(auto("alpha"))
     try:
         assert (tunnel.port, tunnel.state, tunnel.mode) == (port, TunnelState.WAITING, "auto")
         assert registry.by_port[port] is tunnel and public.serving(port) is tunnel
         assert is_bound(port)
     finally:
-        assert public.release(port) is not None
+        assert await public.release(port) is not None
     assert not is_bound(port)
     assert dict(registry.by_port) == {} and public.serving(port) is None
 
@@ -68,8 +68,8 @@ async def test_a_claim_binds_its_port_and_a_release_frees_it() -> None:
 async def test_a_port_that_changes_hands_admits_visitors_to_its_new_owner() -> None:
     (port,) = free_ports(1)
     registry, clock = Registry(), Clock()
-    book = LeaseBook(MemoryLeaseStore(), PortSet.of(port), lambda _: PortSet.of(port),
-                     clock=clock, auto_ttl=TTL)
+    book = await LeaseBook.open(MemoryLeaseStore(), PortSet.of(port), lambda _: PortSet.of(port),
+                                clock=clock, auto_ttl=TTL)
     public = binding(PortSet.of(port), book, registry)
     old = await public.claim(auto("alpha"))
     try:
@@ -85,8 +85,8 @@ async def test_a_port_that_changes_hands_admits_visitors_to_its_new_owner() -> N
 async def test_a_port_held_by_another_program_is_refused_and_not_leased() -> None:
     (port,) = free_ports(1)
     registry, clock = Registry(), Clock()
-    book = LeaseBook(MemoryLeaseStore(), PortSet.of(port), lambda _: PortSet.of(port),
-                     clock=clock)
+    book = await LeaseBook.open(MemoryLeaseStore(), PortSet.of(port), lambda _: PortSet.of(port),
+                                clock=clock)
     public = binding(PortSet.of(port), book, registry)
     with socket.socket() as squatter:
         squatter.bind((HOST, port))
@@ -103,15 +103,16 @@ async def test_restore_keeps_the_leases_of_unconfigured_clients() -> None:
     kept, orphan = free_ports(2)
     ports = PortSet.of(kept, orphan)
     store, clock = MemoryLeaseStore(), Clock()
-    book = LeaseBook(store, ports, lambda _: ports, clock=clock)
-    book.claim_fixed("alpha", kept, "127.0.0.1:22")
-    book.claim_fixed("gone", orphan, "127.0.0.1:22")
+    book = await LeaseBook.open(store, ports, lambda _: ports, clock=clock)
+    await book.claim_fixed("alpha", kept, "127.0.0.1:22")
+    await book.claim_fixed("gone", orphan, "127.0.0.1:22")
     registry = Registry()
-    public = binding(ports, LeaseBook(store, ports, lambda _: ports, clock=clock), registry)
+    restarted = await LeaseBook.open(store, ports, lambda _: ports, clock=clock)
+    public = binding(ports, restarted, registry)
     await public.restore({"alpha"})
     try:
         assert set(public.bound) == {kept, orphan}
         assert sorted(t.client for t in registry.by_port.values()) == ["alpha", "gone"]
-        assert sorted(lease.port for lease in store.load()) == sorted([kept, orphan])
+        assert sorted(lease.port for lease in await store.load()) == sorted([kept, orphan])
     finally:
         public.close()

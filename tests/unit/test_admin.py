@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import stat
 from pathlib import Path
@@ -450,10 +451,14 @@ def test_parse_port_spec_rejects_lenient_int_spellings(text: str) -> None:
 def _leases_in(directory: Path, leases: list[Lease] | None = None) -> list[Lease]:
     """The relay's lease rows (written first when ``leases`` is given)."""
     config = load_server_config(directory / "server.yaml", {})
-    with SqliteLeaseStore(Path(config.state_dir) / LEASE_DB_NAME) as store:
-        for lease in leases or []:
-            store.put(lease)
-        return store.load()
+
+    async def run() -> list[Lease]:
+        async with SqliteLeaseStore(Path(config.state_dir) / LEASE_DB_NAME) as store:
+            for lease in leases or []:
+                assert await store.claim(lease, None)
+            return await store.load()
+
+    return asyncio.run(run())
 
 
 def test_remove_client_releases_its_leases(relay: Path,

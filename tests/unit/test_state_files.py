@@ -10,6 +10,7 @@ names the path, and nothing is written through the link. A normal run creates 06
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -82,7 +83,7 @@ def _join(root: Path) -> None:
 
 
 def _leases(root: Path) -> None:
-    SqliteLeaseStore(root / "state" / "leases.sqlite3").close()
+    asyncio.run(SqliteLeaseStore(root / "state" / "leases.sqlite3").close())
 
 
 def _history(root: Path) -> None:

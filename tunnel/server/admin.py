@@ -9,6 +9,7 @@ join string printed once by ``add-client``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import secrets
@@ -28,7 +29,7 @@ from tunnel.common.errors import ConfigError, TunnelError
 from tunnel.common.proto.portset import PortSet
 from tunnel.server.app import LEASE_DB_NAME, cert_hosts, tls_dir
 from tunnel.server.config import CLIENT_NAME_PATTERN, ServerConfig, load_server_config
-from tunnel.server.leases import SqliteLeaseStore
+from tunnel.server.leases import Lease, SqliteLeaseStore
 from tunnel.server.tls import cert_file_fingerprint, ensure_self_signed
 
 __all__ = ["COMMANDS", "default_config_path", "main"]
@@ -221,6 +222,25 @@ def cmd_add_client(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _release_then_save(db: Path, name: str, *, known: bool,
+                             save: Callable[[], object]) -> list[Lease]:
+    """Delete ``name``'s lease rows, then ``save()`` the clients file; put the rows back if
+    the save fails, so a failed ``remove-client`` changes nothing. Returns the leases."""
+    async with SqliteLeaseStore(db) as store:
+        leases = [lease for lease in await store.load() if lease.client == name]
+        if not known and not leases:
+            raise ConfigError("NAME", name, "no such client")
+        for lease in leases:
+            await store.delete(lease.port)
+        try:  # rewritten even when unchanged: the write is what makes the relay reload
+            save()
+        except BaseException:
+            for lease in leases:
+                await store.claim(lease, None)
+            raise
+    return leases
+
+
 def cmd_remove_client(args: argparse.Namespace) -> int:
     """Drop the client's entry and release its leases.
 
@@ -237,19 +257,10 @@ def cmd_remove_client(args: argparse.Namespace) -> int:
     if name in config.clients and name not in data:
         raise ConfigError(config.source, f"clients.{name}", "this client is defined in the "
                           "server config itself; remove it there")
-    with SqliteLeaseStore(Path(config.state_dir) / LEASE_DB_NAME) as store:
-        leases = [lease for lease in store.load() if lease.client == name]
-        if name not in config.clients and not leases:
-            raise ConfigError("NAME", name, "no such client")
-        for lease in leases:
-            store.delete(lease.port)
-        data.pop(name, None)
-        try:  # rewritten even when unchanged: the write is what makes the relay reload
-            _save_clients(path, data, config_path)
-        except BaseException:
-            for lease in leases:
-                store.put(lease)
-            raise
+    leases = asyncio.run(_release_then_save(
+        Path(config.state_dir) / LEASE_DB_NAME, name, known=name in config.clients,
+        save=lambda: _save_clients(path, {k: v for k, v in data.items() if k != name},
+                                   config_path)))
     ports = ", ".join(str(lease.port) for lease in leases) or "none"
     print(f"removed client {name} (released ports: {ports}); a running relay disconnects it "
           "and frees its ports within a second")
@@ -259,11 +270,7 @@ def cmd_remove_client(args: argparse.Namespace) -> int:
 def cmd_list_clients(args: argparse.Namespace) -> int:
     config_path = Path(args.config) if args.config else default_config_path()
     config = load_server_config(config_path)
-    store = SqliteLeaseStore(Path(config.state_dir) / LEASE_DB_NAME)
-    try:
-        leases = store.load()
-    finally:
-        store.close()
+    leases = asyncio.run(_load_leases(Path(config.state_dir) / LEASE_DB_NAME))
     print(f"{'NAME':<24} {'CREDENTIAL':<10} {'PORTS':<20} {'LEASES':<30} LAST SEEN")
     for name, entry in sorted(config.clients.items()):
         mine = [lease for lease in leases if lease.client == name]
@@ -274,6 +281,11 @@ def cmd_list_clients(args: argparse.Namespace) -> int:
         ports = config.client_ports(name).describe() or "none"
         print(f"{name:<24} {kind:<10} {ports:<20} {held:<30} {when}")
     return EXIT_OK
+
+
+async def _load_leases(path: Path) -> list[Lease]:
+    async with SqliteLeaseStore(path) as store:
+        return await store.load()
 
 
 # --------------------------------------------------------------------------- parser

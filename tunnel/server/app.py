@@ -139,8 +139,10 @@ class Relay:
         return reserved
 
     async def start(self) -> None:
-        """Bind everything; raises TlsFilesError or OSError before accepting anyone."""
+        """Bind everything; raises TlsFilesError, LeaseStoreError or OSError before accepting
+        anyone."""
         ssl_context = self._tls_context()
+        await self.leases.load()
         await self.public_tcp.restore(self.config.clients)
         self._ws_server = await serve(
             self.control, self.config.listen_host, self.config.listen_port,
@@ -180,9 +182,9 @@ class Relay:
         self._disconnect(name, "disconnected by the admin", GoAwayCode.NORMAL)
         return True
 
-    def release_lease(self, port: int) -> bool:
+    async def release_lease(self, port: int) -> bool:
         """Admin action: forget a lease; the port is free for anyone allowed."""
-        lease = self.public_tcp.release(port)
+        lease = await self.public_tcp.release(port)
         if lease is None:
             return False
         log.info("port %d released by the admin (was client %s)", port, lease.client)
@@ -226,9 +228,15 @@ class Relay:
             stamps = self._file_stamps()
             if stamps != self._watched:
                 self._watched = stamps
-                self.reload()
+                await self.reload()
 
-    def reload(self) -> None:
+    def reload_soon(self) -> None:
+        """Reload from a signal handler, which cannot await: in a background task."""
+        task = asyncio.create_task(self.reload(), name="config-reload")
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def reload(self) -> None:
         """Re-read the config; apply what can change live, keep the rest as running.
 
         A config that fails to load changes nothing, and neither does one whose client list
@@ -259,7 +267,7 @@ class Relay:
                          if old.clients[name] != new.clients[name])
         # Before the links close: closing one touches its leases, which would write back
         # the rows remove-client deleted.
-        self._forget_released()
+        await self._forget_released()
         for name in removed + changed:
             self._disconnect(name, "client removed" if name in removed else "client changed")
         for name in removed:
@@ -283,7 +291,7 @@ class Relay:
         if self.alerts is not None and new.alerts is not None and new.alerts != old.alerts:
             self.alerts.settings = new.alerts
 
-    def _forget_released(self) -> None:
+    async def _forget_released(self) -> None:
         """Drop the leases of unconfigured clients whose rows left the lease database.
 
         ``remove-client`` releases a client's leases by deleting its rows, which works
@@ -296,13 +304,13 @@ class Relay:
         if not orphans:
             return
         try:
-            stored = {lease.port for lease in self.store.load()}
+            stored = {lease.port for lease in await self.store.load()}
         except LeaseStoreError as exc:
             log.error("cannot read the lease database; leases of removed clients are kept: "
                       "%s", exc)
             return
         for lease in orphans:
-            if lease.port not in stored and self.public_tcp.release(lease.port) is not None:
+            if lease.port not in stored and await self.public_tcp.release(lease.port) is not None:
                 log.info("port %d released (client %s removed by remove-client)", lease.port,
                          lease.client)
 
@@ -345,7 +353,7 @@ class Relay:
         for task in list(self.background):
             task.cancel()
         await self.monitor.stop()
-        self.store.close()
+        await self.store.close()
         log.info("relay stopped")
 
 

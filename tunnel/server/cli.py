@@ -77,7 +77,7 @@ async def _serve(config: ServerConfig) -> int:
         return EXIT_CONFIG
     try:
         await relay.start()
-    except (TlsFilesError, StateFileError) as exc:
+    except (TlsFilesError, StateFileError, LeaseStoreError) as exc:
         log.error("%s", exc)
         await relay.stop(drain_timeout=0)
         return EXIT_CONFIG
@@ -92,7 +92,7 @@ async def _serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, relay.reload)
+    loop.add_signal_handler(signal.SIGHUP, relay.reload_soon)
     # The ready line comes after the handlers: a signal sent on seeing it must be handled.
     if relay.fingerprint is not None:
         print(f"{PROG}: tls fingerprint {relay.fingerprint}", flush=True)

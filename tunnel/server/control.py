@@ -213,7 +213,7 @@ class ControlHandler:
             task = asyncio.create_task(old.close(GoAwayCode.REPLACED, "replaced by a newer login"))
             relay.background.add(task)
             task.add_done_callback(relay.background.discard)
-        relay.leases.mark_online(name)
+        await relay.leases.mark_online(name)
         relay.presence(name, True)
         link.on_control = self._on_control
         await link.send_now(msg.Welcome(name, relay.config.heartbeat_interval,
@@ -226,7 +226,7 @@ class ControlHandler:
             relay.counters.stray_frames += link.stray_frames
             if link.protocol_error is not None:
                 relay.counters.protocol_errors += 1
-            relay.leases.mark_offline(name)
+            await relay.leases.mark_offline(name)
             if relay.registry.detach(name, link, self.clock()):
                 reason = link.close_reason or "link closed"
                 log.info("client %s offline: %s", name, reason)

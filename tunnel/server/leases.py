@@ -8,9 +8,11 @@ from sockets and the event loop:
 * :class:`LeaseBook` is the pure allocation logic (which port goes to whom, and when an
   abandoned port may be given to someone else). It is single-threaded and does no I/O except
   through its store, so it is cheap to test with a fake clock.
-* :class:`LeaseStore` is where leases are kept: :class:`MemoryLeaseStore` for tests,
+* :class:`LeaseStore` is where leases are kept, behind an asynchronous interface whose claim
+  is one atomic step judged by the store: :class:`MemoryLeaseStore` for tests,
   :class:`SqliteLeaseStore` for the relay (one commit per write, so a lease granted just
-  before ``kill -9`` is still there after the restart).
+  before ``kill -9`` is still there after the restart). Because the store, not the book,
+  has the last word on who holds a port, several relays may one day share one store.
 
 Two kinds of lease exist. A *fixed* lease comes from an explicit ``port: N`` claim and is
 never handed to another client; only an admin ``release()`` frees it. An *auto* lease comes
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol, TypeGuard, get_args
@@ -102,35 +104,65 @@ class Lease:
 
 
 class LeaseStore(Protocol):
-    """Where leases are kept; the book holds the working copy and writes through."""
+    """Where leases are kept; the book holds a working copy and writes through.
 
-    def load(self) -> list[Lease]: ...
+    Every operation is awaited, so an implementation may talk to a database server. The
+    store, not its caller, decides who holds a port: :meth:`claim` checks and writes in one
+    atomic step, so callers sharing a store (relays of one fleet) can never both win a port,
+    however stale their working copies are.
+    """
 
-    def put(self, lease: Lease) -> None:
-        """Insert or replace the lease for ``lease.port``."""
+    async def load(self) -> list[Lease]:
+        """Every lease, sorted by port."""
         ...
 
-    def delete(self, port: int) -> None: ...
+    async def claim(self, lease: Lease, replacing: Lease | None) -> bool:
+        """Write ``lease`` for ``lease.port`` if the port is free, already held by
+        ``lease.client``, or still held by exactly ``replacing`` (an expired lease the caller
+        judged reclaimable); otherwise change nothing. Returns whether it was written."""
+        ...
 
-    def close(self) -> None: ...
+    async def touch(self, client: str, last_seen: float) -> None:
+        """Set ``last_seen`` on every lease ``client`` holds, and change nothing else."""
+        ...
+
+    async def delete(self, port: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _may_claim(current: Lease | None, lease: Lease, replacing: Lease | None) -> bool:
+    """The claim rule of :meth:`LeaseStore.claim` for a row ``current`` (None: no row)."""
+    return current is None or current.client == lease.client or current == replacing
 
 
 class MemoryLeaseStore:
-    """A store in a dict, for tests; it survives rebuilding a :class:`LeaseBook` over it."""
+    """A store in a dict, for tests; it survives rebuilding a :class:`LeaseBook` over it.
+
+    A claim is atomic because nothing in it awaits.
+    """
 
     def __init__(self, leases: list[Lease] | None = None) -> None:
         self._rows: dict[int, Lease] = {lease.port: lease for lease in leases or []}
 
-    def load(self) -> list[Lease]:
+    async def load(self) -> list[Lease]:
         return [self._rows[port] for port in sorted(self._rows)]
 
-    def put(self, lease: Lease) -> None:
+    async def claim(self, lease: Lease, replacing: Lease | None) -> bool:
+        if not _may_claim(self._rows.get(lease.port), lease, replacing):
+            return False
         self._rows[lease.port] = lease
+        return True
 
-    def delete(self, port: int) -> None:
+    async def touch(self, client: str, last_seen: float) -> None:
+        for port, lease in self._rows.items():
+            if lease.client == client:
+                self._rows[port] = replace(lease, last_seen=last_seen)
+
+    async def delete(self, port: int) -> None:
         self._rows.pop(port, None)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Nothing to release."""
 
 
@@ -147,19 +179,36 @@ _CREATE_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEX
 _INIT_VERSION = "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)"
 _SELECT_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
 _SELECT_LEASES = "SELECT port, client, kind, target, created, last_seen FROM leases ORDER BY port"
-_UPSERT_LEASE = (
-    "INSERT OR REPLACE INTO leases (port, client, kind, target, created, last_seen) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
-)
+# The claim rule in one statement: insert if the port is free; otherwise update only if the
+# row is the claimant's own or is still exactly the lease being replaced. With no
+# ``replacing`` its five parameters are NULL, and a comparison with NULL is never true.
+# ``rowcount`` is 1 if the row was written and 0 if the WHERE refused it.
+_CLAIM_LEASE = """
+INSERT INTO leases (port, client, kind, target, created, last_seen) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT(port) DO UPDATE SET
+    client = excluded.client, kind = excluded.kind, target = excluded.target,
+    created = excluded.created, last_seen = excluded.last_seen
+WHERE leases.client = excluded.client
+    OR (leases.client = ? AND leases.kind = ? AND leases.target = ?
+        AND leases.created = ? AND leases.last_seen = ?)"""
+_TOUCH_LEASES = "UPDATE leases SET last_seen = ? WHERE client = ?"
 _DELETE_LEASE = "DELETE FROM leases WHERE port = ?"
 
 
 class SqliteLeaseStore:
     """Leases in a SQLite file, committed on every write so they survive ``kill -9``.
 
-    Autocommit mode (``isolation_level=None``) makes each ``put``/``delete`` its own
-    transaction. WAL with ``synchronous=NORMAL`` keeps that cheap: a commit survives a process
-    crash; only an OS crash or power loss can lose the last few commits.
+    Autocommit mode (``isolation_level=None``) makes each write one statement and its own
+    transaction, so a claim is atomic also against another process on the same file. WAL
+    with ``synchronous=NORMAL`` keeps that cheap: a commit survives a process crash; only an
+    OS crash or power loss can lose the last few commits.
+
+    The statements run inline on the caller's thread, although the methods are ``async``:
+    each is one indexed statement with no fsync, far cheaper than handing it to a thread and
+    back, and one connection then needs no lock. The event loop waits on storage only as
+    long as a write waits for another connection's lock (:data:`SQLITE_BUSY_TIMEOUT_S`).
+    Opening the file (integrity check, schema) is synchronous too: it happens once, before
+    the relay accepts anyone.
     """
 
     def __init__(self, path: Path) -> None:
@@ -175,10 +224,10 @@ class SqliteLeaseStore:
             )
             self._setup(self._conn)
         except sqlite3.Error as exc:
-            self.close()
+            self._disconnect()
             raise LeaseStoreError(f"lease database {self._path}: cannot open: {exc}") from exc
         except BaseException:
-            self.close()
+            self._disconnect()
             raise
 
     @property
@@ -223,7 +272,7 @@ class SqliteLeaseStore:
             raise LeaseStoreError(f"lease database {self._path} is closed")
         return self._conn
 
-    def load(self) -> list[Lease]:
+    async def load(self) -> list[Lease]:
         try:
             rows = self._connection().execute(_SELECT_LEASES).fetchall()
         except sqlite3.Error as exc:
@@ -247,37 +296,52 @@ class SqliteLeaseStore:
                 pass
         raise LeaseStoreError(f"lease database {self._path} holds an invalid row: {row!r}")
 
-    def put(self, lease: Lease) -> None:
+    async def claim(self, lease: Lease, replacing: Lease | None) -> bool:
         row = (lease.port, lease.client, lease.kind, lease.target, lease.created, lease.last_seen)
-        self._write(_UPSERT_LEASE, row)
+        old = (
+            (replacing.client, replacing.kind, replacing.target, replacing.created,
+             replacing.last_seen)
+            if replacing is not None else (None,) * 5
+        )
+        return self._write(_CLAIM_LEASE, row + old) == 1
 
-    def delete(self, port: int) -> None:
+    async def touch(self, client: str, last_seen: float) -> None:
+        self._write(_TOUCH_LEASES, (last_seen, client))
+
+    async def delete(self, port: int) -> None:
         self._write(_DELETE_LEASE, (port,))
 
-    def _write(self, sql: str, params: tuple[object, ...]) -> None:
+    def _write(self, sql: str, params: tuple[object, ...]) -> int:
+        """Run one write statement; return how many rows it changed."""
         try:
-            self._connection().execute(sql, params)
+            return self._connection().execute(sql, params).rowcount
         except sqlite3.Error as exc:
             raise LeaseStoreError(f"lease database {self._path}: cannot write: {exc}") from exc
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Close the connection; safe to call twice."""
+        self._disconnect()
+
+    def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
 
-    def __enter__(self) -> SqliteLeaseStore:
+    async def __aenter__(self) -> SqliteLeaseStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 class LeaseBook:
-    """Pure allocation logic over a store. Single-threaded (called from the event loop).
+    """Allocation logic over a store. Single-threaded (called from the event loop).
 
-    The book keeps every lease in memory and writes each change through to the store before
-    updating memory, so nothing a client is told is newer than what is on disk.
+    The book keeps every lease in memory (filled by :meth:`load`, which the owner awaits
+    before the first claim) and writes each change through to the store before updating
+    memory, so nothing a client is told is newer than what is stored. The book proposes and
+    the store decides: a claim the store refuses means the working copy was stale, so the
+    book reloads it and treats the port as taken.
     """
 
     def __init__(
@@ -294,14 +358,33 @@ class LeaseBook:
         self._allowed = allowed
         self._clock = clock
         self._auto_ttl = auto_ttl
-        self._leases: dict[int, Lease] = {lease.port: lease for lease in store.load()}
+        self._leases: dict[int, Lease] = {}
         # Sessions per client rather than a flag: a reconnect may register the new session
         # before the old one's teardown calls mark_offline, which must not mark it offline.
         self._online: dict[str, int] = {}
 
+    @classmethod
+    async def open(
+        cls,
+        store: LeaseStore,
+        relay_ports: PortSet,
+        allowed: Callable[[str], PortSet],
+        *,
+        clock: Clock = time.time,
+        auto_ttl: float = AUTO_LEASE_TTL,
+    ) -> LeaseBook:
+        """A book over ``store``, already loaded."""
+        book = cls(store, relay_ports, allowed, clock=clock, auto_ttl=auto_ttl)
+        await book.load()
+        return book
+
+    async def load(self) -> None:
+        """Replace the working copy with what the store holds."""
+        self._leases = {lease.port: lease for lease in await self._store.load()}
+
     # -- claims -------------------------------------------------------------------------
 
-    def claim_fixed(self, client: str, port: int, target: str) -> tuple[Lease, bool]:
+    async def claim_fixed(self, client: str, port: int, target: str) -> tuple[Lease, bool]:
         """Lease ``port`` to ``client`` for ``target``; return ``(lease, created_now)``.
 
         ``created_now`` is True only when a new row was written, so the caller knows it may
@@ -312,13 +395,17 @@ class LeaseBook:
         current = self._leases.get(port)
         if current is not None and current.client == client:
             lease = replace(current, kind="fixed", target=target, last_seen=now)
-            self._save(lease)
-            return lease, False
-        if current is not None and not self._reclaimable(current, now):
+            created = False
+        elif current is None or self._reclaimable(current, now):
+            lease = _new_lease(port, client, "fixed", target, now)
+            created = True
+        else:
             raise ClaimRefused(port, f"port {port} is leased to another client")
-        return self._create(port, client, "fixed", target, now), True
+        if not await self._claim(lease, current):
+            raise ClaimRefused(port, f"port {port} is leased to another client")
+        return lease, created
 
-    def claim_auto(
+    async def claim_auto(
         self, client: str, target: str, usable: Callable[[int], bool] = lambda p: True
     ) -> tuple[Lease, bool]:
         """Lease some port to ``client`` for ``target``: the same one as last time if possible.
@@ -331,38 +418,39 @@ class LeaseBook:
         mine = self._auto_lease_for(client, target, allowed)
         if mine is not None:
             lease = replace(mine, last_seen=now)
-            self._save(lease)
-            return lease, False
-        port = self._pick_free(allowed, usable, now)
-        if port is None:
-            raise ClaimRefused(
-                None, f"no free port left in this client's allowed ports ({_describe(allowed)})"
-            )
-        return self._create(port, client, "auto", target, now), True
+            if await self._claim(lease, mine):
+                return lease, False
+        for port in self._free_ports(allowed, usable, now):
+            lease = _new_lease(port, client, "auto", target, now)
+            if await self._claim(lease, self._leases.get(port)):
+                return lease, True
+        raise ClaimRefused(
+            None, f"no free port left in this client's allowed ports ({_describe(allowed)})"
+        )
 
-    def release(self, port: int) -> Lease | None:
+    async def release(self, port: int) -> Lease | None:
         """Drop the lease on ``port`` (admin release, or rollback of a failed bind)."""
         lease = self._leases.get(port)
         if lease is not None:
-            self._store.delete(port)
+            await self._store.delete(port)
             del self._leases[port]
         return lease
 
     # -- presence -----------------------------------------------------------------------
 
-    def mark_online(self, client: str) -> None:
+    async def mark_online(self, client: str) -> None:
         """The owner connected: its leases are fresh, and not reclaimable while it stays."""
         self._online[client] = self._online.get(client, 0) + 1
-        self._touch(client)
+        await self._touch(client)
 
-    def mark_offline(self, client: str) -> None:
+    async def mark_offline(self, client: str) -> None:
         """One session of the owner ended; the expiry clock runs once the last one has."""
         sessions = self._online.get(client, 0) - 1
         if sessions > 0:
             self._online[client] = sessions
         else:
             self._online.pop(client, None)
-        self._touch(client)
+        await self._touch(client)
 
     def is_online(self, client: str) -> bool:
         return client in self._online
@@ -421,23 +509,28 @@ class LeaseBook:
                 return lease
         return None
 
-    def _pick_free(
+    def _free_ports(
         self, allowed: PortSet, usable: Callable[[int], bool], now: float
-    ) -> int | None:
-        """Lowest usable never-leased port; failing that, the lowest usable reclaimable one.
+    ) -> Iterator[int]:
+        """Usable never-leased ports, lowest first; after them the usable reclaimable ones.
 
         Unleased ports go first so an expired lease is only taken when the pool would
-        otherwise be exhausted: its owner may still come back after the TTL.
+        otherwise be exhausted: its owner may still come back after the TTL. Lazy, so
+        ``usable`` is asked only about ports a claim is about to try.
         """
         reclaimable: list[int] = []
         for port in allowed:
             current = self._leases.get(port)
             if current is None:
                 if usable(port):
-                    return port
+                    yield port
             elif self._reclaimable(current, now):
                 reclaimable.append(port)
-        return next((port for port in reclaimable if usable(port)), None)
+        for port in reclaimable:
+            # Read again: a claim lost meanwhile reloaded the working copy.
+            current = self._leases.get(port)
+            if (current is None or self._reclaimable(current, now)) and usable(port):
+                yield port
 
     def _reclaimable(self, lease: Lease, now: float) -> bool:
         """Only auto leases of clients offline for longer than the TTL may change hands."""
@@ -447,23 +540,26 @@ class LeaseBook:
             and now - lease.last_seen > self._auto_ttl
         )
 
-    def _create(self, port: int, client: str, kind: LeaseKind, target: str, now: float) -> Lease:
-        """Write a new lease; on a reclaimed port this replaces (deletes) the expired one."""
-        lease = Lease(
-            port=port, client=client, kind=kind, target=target, created=now, last_seen=now
-        )
-        self._save(lease)
-        return lease
+    async def _claim(self, lease: Lease, current: Lease | None) -> bool:
+        """Ask the store for ``lease`` over ``current`` (the working copy's row, None if free).
 
-    def _save(self, lease: Lease) -> None:
-        # Store first: if the write fails, memory still matches what is on disk.
-        self._store.put(lease)
-        self._leases[lease.port] = lease
+        Store first: if the store refuses or fails, memory still matches what is stored.
+        """
+        if await self._store.claim(lease, current):
+            self._leases[lease.port] = lease
+            return True
+        await self.load()
+        return False
 
-    def _touch(self, client: str) -> None:
+    async def _touch(self, client: str) -> None:
         now = self._clock()
+        await self._store.touch(client, now)
         for lease in self.leases_of(client):
-            self._save(replace(lease, last_seen=now))
+            self._leases[lease.port] = replace(lease, last_seen=now)
+
+
+def _new_lease(port: int, client: str, kind: LeaseKind, target: str, now: float) -> Lease:
+    return Lease(port=port, client=client, kind=kind, target=target, created=now, last_seen=now)
 
 
 def _describe(ports: PortSet) -> str:

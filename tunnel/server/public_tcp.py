@@ -60,7 +60,7 @@ class PublicTcp:
 
     async def claim(self, claim: Claim) -> Tunnel:
         """Lease a port for ``claim`` (the same as last time where possible) and bind it."""
-        lease, created = self._lease(claim)
+        lease, created = await self._lease(claim)
         tunnel = self._registry.place(
             Tunnel.public_tcp(claim.client, lease.port, lease.kind, claim.target))
         tunnel.mode, tunnel.target = lease.kind, claim.target
@@ -69,12 +69,12 @@ class PublicTcp:
         except OSError as exc:
             self._registry.drop(tunnel.key)
             if created:
-                self._leases.release(lease.port)
+                await self._leases.release(lease.port)
             raise ClaimRefused(lease.port, "already in use by another program on the relay"
                                f" ({exc.strerror or exc})") from exc
         return tunnel
 
-    def _lease(self, claim: Claim) -> tuple[Lease, bool]:
+    async def _lease(self, claim: Claim) -> tuple[Lease, bool]:
         reserved = self._reserved()
         ranges = self._relay_ports.ranges
         port = claim.port
@@ -82,13 +82,13 @@ class PublicTcp:
             refusal = claim_refusal(port, ranges, reserved)
             if refusal is not None:
                 raise ClaimRefused(port, refusal)
-            return self._leases.claim_fixed(claim.client, port, claim.target)
+            return await self._leases.claim_fixed(claim.client, port, claim.target)
         if claim.mode == "auto":
             def usable(candidate: int) -> bool:
                 if claim_refusal(candidate, ranges, reserved) is not None:
                     return False
                 return candidate in self._bound or port_is_free(self._host, candidate)
-            return self._leases.claim_auto(claim.client, claim.target, usable)
+            return await self._leases.claim_auto(claim.client, claim.target, usable)
         raise ClaimRefused(port, f"unknown mode {claim.mode[:16]!r}: expected fixed or auto")
 
     async def _bind(self, tunnel: Tunnel) -> None:
@@ -131,9 +131,9 @@ class PublicTcp:
 
     # ------------------------------------------------------------ releases
 
-    def release(self, port: int) -> Lease | None:
+    async def release(self, port: int) -> Lease | None:
         """Forget the lease on ``port``, unbind it and reset its visitors."""
-        lease = self._leases.release(port)
+        lease = await self._leases.release(port)
         if lease is None:
             return None
         held = self._bound.pop(port, None)

@@ -108,7 +108,7 @@ class Api:
         return json_response(200, leases(self.relay))
 
     async def release(self, request: Request) -> Response:
-        if not self.relay.release_lease(int(request.params["port"])):
+        if not await self.relay.release_lease(int(request.params["port"])):
             return _not_found("lease")
         return json_response(200, {"ok": True})
 

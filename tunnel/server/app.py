@@ -277,7 +277,7 @@ class Relay:
                             "ports %s stay reserved until released (remove-client or the "
                             "status page)", name, ", ".join(map(str, kept)))
         self._watched = self._file_stamps()
-        settings = [key for key in plan.applied if key not in ("clients", "clients_file")]
+        settings = [name for name in plan.applied if name not in ("clients", "clients_file")]
         log.info("configuration reloaded: %d clients; removed: %s; changed: %s; "
                  "settings applied: %s", len(new.clients), ", ".join(removed) or "none",
                  ", ".join(changed) or "none", ", ".join(settings) or "none")

@@ -845,6 +845,9 @@ async def test_R10_emfile_on_accept_is_survived(tmp_path: Path, variant: Variant
 
 
 LINK_RATE = 20_000_000 // 8  # 20 Mbit/s in bytes per second
+#: F-4: how long every stream may take to receive its first bytes, and how often to look.
+RAMP_UP_LIMIT = 20.0
+POLL_INTERVAL = 0.05
 
 
 async def _read_counting(reader: asyncio.StreamReader, counts: list[int], index: int,
@@ -892,11 +895,13 @@ async def test_F4_fairness_on_a_saturated_control_link(tmp_path: Path, variant: 
         visitors = [await open_visitor(port) for _ in range(streams)]
         readers = [asyncio.create_task(_read_counting(r, counts, i, stop))
                    for i, (r, _) in enumerate(visitors)]
-        # Ramp up: the shares are measured from 2 s in, once the downloads have started and
-        # the link is saturated; a measurement choice, not a wait for an event (all 32 first
-        # windows, 32 MiB, take 13 s at this rate).
-        await asyncio.sleep(2.0)
-        assert all(counts), counts  # every stream is moving before the measurement
+        # Ramp up: the shares are measured from the moment every stream has received its
+        # first bytes (the link is saturated by then), and at least 2 s in; all 32 first
+        # windows, 32 MiB, take far longer at this rate, so the measurement is not of them.
+        ramp = asyncio.get_running_loop().time() + 2.0
+        async with asyncio.timeout(RAMP_UP_LIMIT):
+            while not all(counts) or asyncio.get_running_loop().time() < ramp:
+                await asyncio.sleep(POLL_INTERVAL)
         base = list(counts)
         duration = size.pick(16.0, 60.0)
         rtts: list[float] = []

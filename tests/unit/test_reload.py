@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from tunnel.common.config.localfs import write_private
-from tunnel.common.config.statefiles import StateFileError
+from tunnel.common.config.statefiles import StateFileError, write_private
 from tunnel.common.errors import ConfigError
 from tunnel.server.config import ServerConfig, load_server_config
 from tunnel.server.config_dashboard import DashboardSettings

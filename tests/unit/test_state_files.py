@@ -24,13 +24,13 @@ import pytest
 
 from tunnel.client.join import join_main
 from tunnel.common.config.credentials import JoinInfo, encode_join, generate_keypair
-from tunnel.common.config.localfs import write_private
 from tunnel.common.config.statefiles import (
     StateFileError,
     create_private_file,
     ensure_private_dir,
     open_private_file,
     prepare_sqlite_file,
+    write_private,
 )
 from tunnel.common.errors import TunnelError
 from tunnel.server import admin

@@ -16,8 +16,7 @@ import yaml
 
 from tunnel.client.settings import default_client_config
 from tunnel.common.config.credentials import JoinInfo, decode_join
-from tunnel.common.config.localfs import write_private
-from tunnel.common.config.statefiles import StateFileError, regular_file_exists
+from tunnel.common.config.statefiles import StateFileError, regular_file_exists, write_private
 from tunnel.common.errors import ConfigError
 
 __all__ = ["join_main", "write_client_config"]

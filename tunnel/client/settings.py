@@ -28,12 +28,12 @@ from tunnel.common.config.base import (
     MIN_TOKEN_LENGTH,
     ConfigContext,
     describe_value,
+    is_loopback,
     item_path,
     parse_fingerprint,
     resolve_token,
     warn_if_readable,
 )
-from tunnel.common.config.localfs import is_loopback
 from tunnel.common.errors import ConfigError
 from tunnel.common.proto.secret import Secret
 

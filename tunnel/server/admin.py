@@ -22,8 +22,7 @@ from typing import Any
 import yaml
 
 from tunnel.common.config.credentials import JoinInfo, encode_join, generate_keypair, shown_name
-from tunnel.common.config.localfs import PRIVATE_DIR_MODE, write_private
-from tunnel.common.config.statefiles import regular_file_exists
+from tunnel.common.config.statefiles import STATE_DIR_MODE, regular_file_exists, write_private
 from tunnel.common.config.yamlsafe import load_yaml_file
 from tunnel.common.errors import ConfigError, TunnelError
 from tunnel.common.proto.portset import PortSet
@@ -116,7 +115,7 @@ def cmd_init(args: argparse.Namespace) -> int:
               "(the TLS key is kept)", file=sys.stderr)
         return EXIT_ERROR
     ports = parse_port_spec(args.ports)
-    directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    directory.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
     if not have_clients:
         write_private(clients, _CLIENTS_HEADER + "{}\n")
     if not have_password:

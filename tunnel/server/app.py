@@ -15,8 +15,8 @@ from websockets.asyncio.server import Server, serve
 
 from tunnel.common.aio.budget import LinkGroup
 from tunnel.common.aio.runtime import limit_unsent
+from tunnel.common.config.base import is_loopback
 from tunnel.common.config.credentials import generate_keypair, key_id
-from tunnel.common.config.localfs import is_loopback
 from tunnel.common.errors import ConfigError
 from tunnel.common.proto.auth import derive_key
 from tunnel.common.proto.frames import MAX_MESSAGE_SIZE

@@ -1,4 +1,4 @@
-"""Shared pieces of config validation: value names, key paths, ports, tokens, fingerprints.
+"""Config value checks both programs share: key paths, ports, tokens, fingerprints, hosts.
 
 Both the relay's config and the client's settings file are edited by hand; they share one
 way of naming values in errors (``boolean true``, ``string "08080"``), one error context
@@ -11,6 +11,7 @@ without ``--config``) and the join-string codec use it without loading either.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import stat
@@ -26,6 +27,7 @@ from tunnel.common.proto.secret import Secret, weakness
 __all__ = [
     "DEFAULT_PATH",
     "FINGERPRINT_PREFIX",
+    "LOOPBACK_NAMES",
     "MALFORMED_FINGERPRINT",
     "MAX_TOKEN_FILE_BYTES",
     "MIN_TOKEN_LENGTH",
@@ -34,6 +36,7 @@ __all__ = [
     "ConfigContext",
     "child_path",
     "describe_value",
+    "is_loopback",
     "item_path",
     "parse_fingerprint",
     "port_range",
@@ -271,3 +274,16 @@ def parse_fingerprint(text: str, source: str, key: str = "fingerprint") -> str:
     if not _FINGERPRINT_BODY.fullmatch(candidate):
         raise ConfigError(source, key, MALFORMED_FINGERPRINT)
     return FINGERPRINT_PREFIX + candidate.replace(":", "")
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or an address in 127.0.0.0/8 or ::1 (no name resolution)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

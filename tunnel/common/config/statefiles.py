@@ -27,6 +27,7 @@ import contextlib
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from tunnel.common.errors import TunnelError
@@ -43,6 +44,7 @@ __all__ = [
     "open_private_file",
     "prepare_sqlite_file",
     "regular_file_exists",
+    "write_private",
 ]
 
 STATE_FILE_MODE = 0o600
@@ -235,3 +237,24 @@ def prepare_sqlite_file(path: Path) -> None:
         companion = path.with_name(path.name + suffix)
         if regular_file_exists(companion):
             os.close(open_private_file(companion, create=False))
+
+
+def write_private(path: Path, text: str, mode: int = STATE_FILE_MODE) -> None:
+    """Write atomically with ``mode`` from the first byte: a file holding a secret is never
+    briefly world-readable, and a crash never leaves it half written. A link, directory or
+    special file at ``path`` is refused by name (:func:`check_replaceable`); missing parent
+    directories are created 0700."""
+    make_parent_dirs(path)
+    check_replaceable(path)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise

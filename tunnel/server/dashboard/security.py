@@ -32,7 +32,7 @@ import secrets
 from dataclasses import dataclass
 from enum import Enum
 
-from tunnel.common.config.localfs import is_loopback
+from tunnel.common.config.base import is_loopback
 from tunnel.server.config_dashboard import DashboardSettings
 from tunnel.server.dashboard.http import Request, Response
 from tunnel.server.guard import Penalties

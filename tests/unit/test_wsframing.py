@@ -14,9 +14,12 @@ import struct
 from typing import Any
 
 import pytest
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.frames import Frame, Opcode
+from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
+from websockets.uri import parse_uri
 
 from tests.recording_transport import RecordingTransport
 from tunnel.common.aio.wsframing import (
@@ -434,3 +437,16 @@ async def test_peer_close_on_a_transport_that_refuses_close_aborts_quietly() -> 
     with pytest.raises(ConnectionClosedOK):
         await recv_now(framing)
     assert transport.aborted and transport.closing
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_websockets_protocol_has_the_message_cap_the_link_sets(side: str) -> None:
+    """``Link.set_max_message_size`` and ``take_over_framing`` read and set the protocol's
+    ``max_message_size``; a websockets version that names it otherwise (15.x: ``max_size``)
+    would take the assignment as a new, unused attribute, and the cap would silently not
+    apply. CI runs this on the lowest and the highest allowed version."""
+    protocol = ClientProtocol(parse_uri("ws://127.0.0.1/")) if side == "client" \
+        else ServerProtocol()
+    assert "max_message_size" in vars(protocol)
+    protocol.max_message_size = 1234
+    assert protocol.max_message_size == 1234

@@ -935,6 +935,39 @@ async def test_R13_orderly_end_is_still_a_clean_eof_both_ways(
     await server.kill9()
 
 
+# ---------------------------------------------------------------- R-14
+
+
+#: A relay told twice to stop must be gone within this (its drain timeout is 10 s).
+STOP_AT_ONCE_WITHIN = 3.0
+
+
+@pytest.mark.parametrize("signals", [("SIGINT", "SIGINT"), ("SIGTERM", "SIGINT"),
+                                     ("SIGTERM", "SIGTERM")])
+async def test_R14_second_signal_stops_the_relay_at_once(
+        tmp_path: Path, variant: Variant, signals: tuple[str, str]) -> None:
+    """With a visitor's connection open, the first signal starts the 10 s drain; the second
+    one ends the relay at once, and the open visitor sees a reset, not an EOF."""
+    echo = EchoService()
+    await echo.start()
+    server, _, port = await start_tunnel(tmp_path, echo.target)
+    reader, writer = await open_visitor(port)
+    try:
+        writer.write(b"hello")
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"hello"
+        first, second = (getattr(signal, name) for name in signals)
+        mark = len(server.stderr_lines)
+        server.send_signal(first)
+        await server.wait_for_line(r"waiting up to \d+ s for 1 open streams", since=mark,
+                                   stream="stderr")
+        server.send_signal(second)
+        assert await server.wait_exit(STOP_AT_ONCE_WITHIN) == 0
+        assert await visitor_outcome(reader, 1.0) == "reset"
+    finally:
+        writer.transport.abort()
+    server.assert_no_traceback()
+
+
 # ---------------------------------------------------------------- F-4
 
 

@@ -43,6 +43,7 @@ from tests.e2e.harness import (
     start_client,
     start_proc,
     start_server,
+    start_tunnel,
     url_port,
     wait_tunnel,
 )
@@ -58,6 +59,7 @@ from tests.e2e.services import (
     echo_check,
     open_visitor,
     pattern_chunks,
+    pattern_digest,
     read_exactly_digest,
     send_pattern,
 )
@@ -184,7 +186,7 @@ async def test_R1_kill9_client_mid_transfer_resets_visitors_and_keeps_the_port(
         assert time.monotonic() - killed < 1.0
     finally:
         await close_writer(writer)
-    assert await assert_closed_quickly(port) in ("reset", "eof", "refused")
+    assert await assert_closed_quickly(port) == "reset"  # bound, never a clean EOF
     assert echo.connections == 1  # the visitor during the outage never reached the service
     restarted = await start_client(url, ALPHA_TOKEN, spec)
     assert await wait_tunnel(restarted, echo.target, timeout=3 + 2) == port
@@ -216,9 +218,8 @@ async def test_R2_server_restart(tmp_path: Path, variant: Variant, how: str) -> 
     reset (never a clean EOF). SIGKILL: the relay is just gone. Either way the restarted
     relay (same link port, same state) gets the client back on every port within
     backoff cap + 2 s of its return (typically 0-20 s: a client whose relay went away
-    spreads its reconnect over connector.RESTART_SPREAD, see R-8). Under SIGKILL the
-    kernel ends the relay's sockets, which may be a FIN for an idle visitor: no process is
-    left to turn it into a reset, so that variant asserts only the reconnect."""
+    spreads its reconnect over connector.RESTART_SPREAD, see R-8). The SIGKILL variant
+    asserts only the reconnect: what the visitors see when the relay dies is R-13's."""
     echo = EchoService()
     await echo.start()
     link_port, port_a, port_b = free_ports(3)
@@ -839,6 +840,132 @@ async def test_R10_emfile_on_accept_is_survived(tmp_path: Path, variant: Variant
     assert await asyncio.wait_for(existing_reader.readexactly(5), 5) == b"after"
     await close_writer(existing_writer)
     assert server.returncode is None
+
+
+# ---------------------------------------------------------------- R-13
+
+#: How long after a kill -9 the far end of a forwarded connection must have seen its reset.
+CRASH_RESET_WITHIN = 5.0
+
+
+class SinkService(TcpService):
+    """Reads each connection to its end and records how it ended (``eof`` or ``reset``),
+    then sends ``reply`` bytes (pattern seed 5) and closes. ``receiving`` is set at the
+    first byte of an upload."""
+
+    def __init__(self, reply: int = 0) -> None:
+        super().__init__()
+        self.reply = reply
+        self.received = 0
+        self.receiving = asyncio.Event()
+        self.endings: asyncio.Queue[str] = asyncio.Queue()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(CHUNK):
+                self.received += len(data)
+                self.receiving.set()
+        except ConnectionResetError:
+            self.endings.put_nowait("reset")
+            return
+        self.endings.put_nowait("eof")
+        if self.reply:
+            await send_pattern(writer, 5, self.reply)
+
+
+async def _upload_forever(writer: asyncio.StreamWriter) -> None:
+    """Send pattern bytes until the connection fails (the test cancels it otherwise)."""
+    with contextlib.suppress(OSError):
+        for seed in range(1 << 20):
+            await send_pattern(writer, seed, 4 * MIB)
+
+
+@pytest.mark.parametrize("killed", ["relay", "client"])
+async def test_R13_kill9_mid_stream_is_a_reset_never_an_eof(
+        tmp_path: Path, variant: Variant, killed: str) -> None:
+    """kill -9 of the relay while a visitor downloads: the visitor sees a reset. kill -9 of
+    the client while the local service receives an upload: the service sees a reset. In
+    both the kernel closes the dead program's socket, and only SO_LINGER 0 (set while a
+    stream is open) turns that close into RST instead of FIN."""
+    service: TcpService = StreamingService() if killed == "relay" else SinkService()
+    await service.start()
+    server, client, port = await start_tunnel(tmp_path, service.target)
+    reader, writer = await open_visitor(port)
+    upload: asyncio.Task[None] | None = None
+    try:
+        if isinstance(service, SinkService):
+            upload = asyncio.create_task(_upload_forever(writer))
+            await asyncio.wait_for(service.receiving.wait(), 10)
+            await client.kill9()
+            ending = await asyncio.wait_for(service.endings.get(), CRASH_RESET_WITHIN)
+            assert ending == "reset", "the local service took the client's death for an EOF"
+        else:
+            await asyncio.wait_for(reader.readexactly(MIB), 10)  # the download is flowing
+            await server.kill9()
+            assert await visitor_outcome(reader, CRASH_RESET_WITHIN) == "reset", \
+                "the visitor took the relay's death for an EOF"
+    finally:
+        if upload is not None:
+            upload.cancel()
+            await asyncio.gather(upload, return_exceptions=True)
+        writer.transport.abort()
+
+
+async def test_R13_orderly_end_is_still_a_clean_eof_both_ways(
+        tmp_path: Path, variant: Variant) -> None:
+    """The control case: an upload ended with FIN reaches the service as EOF, and the reply
+    the service sends and closes reaches the visitor whole, then EOF; none of it is reset.
+    Then both programs are killed: a stream that ended cleanly stays ended cleanly."""
+    reply = 2 * MIB
+    service = SinkService(reply=reply)
+    await service.start()
+    server, client, port = await start_tunnel(tmp_path, service.target)
+    reader, writer = await open_visitor(port)
+    try:
+        await send_pattern(writer, 3, MIB)
+        writer.write_eof()
+        assert await asyncio.wait_for(service.endings.get(), 10) == "eof"
+        assert service.received == MIB
+        got_len, got = await asyncio.wait_for(read_exactly_digest(reader, reply), 10)
+        assert (got_len, got) == (reply, pattern_digest(5, reply))
+        assert await visitor_outcome(reader, 5) == "eof"
+    finally:
+        await close_writer(writer)
+    await client.kill9()
+    await server.kill9()
+
+
+# ---------------------------------------------------------------- R-14
+
+
+#: A relay told twice to stop must be gone within this (its drain timeout is 10 s).
+STOP_AT_ONCE_WITHIN = 3.0
+
+
+@pytest.mark.parametrize("signals", [("SIGINT", "SIGINT"), ("SIGTERM", "SIGINT"),
+                                     ("SIGTERM", "SIGTERM")])
+async def test_R14_second_signal_stops_the_relay_at_once(
+        tmp_path: Path, variant: Variant, signals: tuple[str, str]) -> None:
+    """With a visitor's connection open, the first signal starts the 10 s drain; the second
+    one ends the relay at once, and the open visitor sees a reset, not an EOF."""
+    echo = EchoService()
+    await echo.start()
+    server, _, port = await start_tunnel(tmp_path, echo.target)
+    reader, writer = await open_visitor(port)
+    try:
+        writer.write(b"hello")
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"hello"
+        first, second = (getattr(signal, name) for name in signals)
+        mark = len(server.stderr_lines)
+        server.send_signal(first)
+        await server.wait_for_line(r"waiting up to \d+ s for 1 open streams", since=mark,
+                                   stream="stderr")
+        server.send_signal(second)
+        assert await server.wait_exit(STOP_AT_ONCE_WITHIN) == 0
+        assert await visitor_outcome(reader, 1.0) == "reset"
+    finally:
+        writer.transport.abort()
+    server.assert_no_traceback()
 
 
 # ---------------------------------------------------------------- F-4

@@ -100,6 +100,8 @@ class Relay:
         self.presence_listeners: list[Callable[[str, bool], None]] = []
         self.dashboard: Dashboard | None = None
         self.alerts: Alerts | None = None
+        #: Set by :meth:`stop_now`: the drain ends and links are dropped, not closed politely.
+        self._hurry = asyncio.Event()
         self.registry.sync_clients(set(config.clients))
 
     def _allowed_ports(self, name: str) -> PortSet:
@@ -327,8 +329,25 @@ class Relay:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
+    def stop_now(self) -> None:
+        """Cut a :meth:`stop` short (the second signal): no more drain, every link dropped.
+
+        Dropping a link resets its streams, so visitors still connected see RST, never a
+        clean EOF. Safe to call before, during or after :meth:`stop`, and more than once.
+        """
+        if not self._hurry.is_set():
+            log.warning("stopping at once: resetting every open stream")
+        self._hurry.set()
+        for client in self.registry.online():
+            if client.link is not None:
+                client.link.abort("relay stopping at once")
+
     async def stop(self, drain_timeout: float = SHUTDOWN_DRAIN_TIMEOUT) -> None:
-        """Stop accepting, let open streams finish (bounded), then close every link."""
+        """Stop accepting, let open streams finish (bounded), then close every link.
+
+        The drain lasts until no stream is open or ``drain_timeout`` passed, so a relay
+        with an open idle connection (an SSH session) takes the whole timeout; streams still
+        open then are reset. :meth:`stop_now` ends it early."""
         if self.dashboard is not None:
             await self.dashboard.stop()
         if self.alerts is not None:
@@ -343,10 +362,14 @@ class Relay:
         if open_streams and drain_timeout > 0:
             log.info("waiting up to %.0f s for %d open streams to finish", drain_timeout,
                      open_streams)
-        while any(link.streams for link in links) and time.monotonic() < deadline:
+        while (any(link.streams for link in links) and time.monotonic() < deadline
+               and not self._hurry.is_set()):
             await asyncio.sleep(_DRAIN_POLL)
-        await asyncio.gather(*(link.close(GoAwayCode.SHUTDOWN, "relay shutting down")
-                               for link in links), return_exceptions=True)
+        if self._hurry.is_set():
+            self.stop_now()  # links that came online during the drain go too
+        else:
+            await asyncio.gather(*(link.close(GoAwayCode.SHUTDOWN, "relay shutting down")
+                                   for link in links), return_exceptions=True)
         if self._ws_server is not None:
             self._ws_server.close()
             await self._ws_server.wait_closed()

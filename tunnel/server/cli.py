@@ -1,6 +1,9 @@
 """``tunnel-server``: run the relay.
 
-Exit codes: 0 after a graceful shutdown (SIGTERM/SIGINT) or a passing ``--check``; 1 when a
+The first SIGTERM or SIGINT stops accepting and lets open connections finish for up to
+``SHUTDOWN_DRAIN_TIMEOUT`` (10 s), then resets those left; a second one resets them at once.
+
+Exit codes: 0 after a shutdown on a signal (either way) or a passing ``--check``; 1 when a
 socket cannot be bound; 2 for a configuration error (nothing is bound then).
 """
 
@@ -102,7 +105,9 @@ async def _serve(config: ServerConfig) -> int:
     log.info("relay %s ready: control %s, public ports %s on %s", __version__, relay.url,
              config.ports.describe(), config.public_host)
     await stop.wait()
-    log.info("shutting down")
+    log.info("shutting down (a second signal stops at once)")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, relay.stop_now)
     await relay.stop()
     return 0
 

@@ -55,6 +55,7 @@ __all__ = [
     "StreamSocket",
     "Traffic",
     "abort_with_reset",
+    "fin_on_close",
     "reset_on_close",
 ]
 
@@ -86,7 +87,10 @@ CLOSE_POLICY = 1008
 #: Longest a WebSocket close of a link that never ran (a failed login) may take.
 LOGIN_CLOSE_TIMEOUT = 1.0
 
+#: SO_LINGER values: on with 0 s (closing sends RST, also when the kernel closes the socket
+#: of a process that died) and off (closing sends FIN after the unsent data).
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_OFF = struct.pack("ii", 0, 0)
 
 
 class LinkClosed(Exception):
@@ -109,6 +113,12 @@ def reset_on_close(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
+def fin_on_close(sock: socket.socket) -> None:
+    """Undo :func:`reset_on_close`: an orderly close of ``sock`` sends FIN again."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+
+
 def abort_with_reset(transport: asyncio.BaseTransport) -> None:
     """Close a TCP transport with RST (see :func:`reset_on_close`)."""
     sock = transport.get_extra_info("socket")
@@ -125,6 +135,12 @@ class StreamSocket(asyncio.BufferedProtocol):
     thousands of visitors sending at once would fill the relay's queues within a turn (L-3).
     While the relay's links together queue over half their budget, a read takes
     ``STREAM_READ_SQUEEZED``.
+
+    While the stream is open its socket lingers 0 s, so that if this process dies (kill -9,
+    a crash) the kernel's close sends RST and the far end never takes the abort for a clean
+    end (reliability R-13). Only the orderly end, the peer's FIN passed on as ``write_eof``,
+    turns lingering off first: from then on a close sends FIN. Both are one setsockopt at
+    open or at end, never per read.
     """
 
     def __init__(self, link: Link | None = None, stream_id: int = 0,
@@ -164,6 +180,7 @@ class StreamSocket(asyncio.BufferedProtocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reset_on_close(sock)
         if self.closed:
             abort_with_reset(transport)
             return
@@ -261,6 +278,9 @@ class StreamSocket(asyncio.BufferedProtocol):
         if self._remote_eof:
             return
         self._remote_eof = True
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            fin_on_close(sock)  # the peer ended cleanly: so may our side, even if we die
         if self.transport.can_write_eof():
             try:
                 self.transport.write_eof()

@@ -116,3 +116,33 @@ async def test_restore_keeps_the_leases_of_unconfigured_clients() -> None:
         assert sorted(lease.port for lease in await store.load()) == sorted([kept, orphan])
     finally:
         public.close()
+
+
+async def test_fixed_with_no_port_is_refused_as_such_and_leases_nothing() -> None:
+    (port,) = free_ports(1)
+    book = await LeaseBook.open(MemoryLeaseStore(), PortSet.of(port), lambda _: PortSet.of(port),
+                                clock=Clock())
+    public = binding(PortSet.of(port), book, Registry())
+    with pytest.raises(ClaimRefused) as info:
+        await public.claim(Claim("alpha", TunnelKind.PUBLIC_TCP, "127.0.0.1:80", "fixed", None))
+    assert info.value.port is None
+    assert info.value.reason.startswith("fixed needs a port"), info.value.reason
+    assert book.leases() == [] and not is_bound(port)
+
+
+@pytest.mark.parametrize("where", ["outside the relay's ports", "another client's port"])
+async def test_a_refusal_names_only_the_ports_the_refused_client_may_use(where: str) -> None:
+    """The relay's ports hold alpha's and beta's grants; refusing alpha must not tell it
+    which ports beta was given."""
+    mine, theirs, outside = free_ports(3)
+    relay_ports = PortSet.of(mine, theirs)
+    grants = {"alpha": PortSet.of(mine), "beta": PortSet.of(theirs)}
+    book = await LeaseBook.open(MemoryLeaseStore(), relay_ports, grants.__getitem__,
+                                clock=Clock())
+    public = binding(relay_ports, book, Registry())
+    asked = outside if where == "outside the relay's ports" else theirs
+    with pytest.raises(ClaimRefused) as info:
+        await public.claim(Claim("alpha", TunnelKind.PUBLIC_TCP, "127.0.0.1:80", "fixed", asked))
+    reason = info.value.reason
+    assert str(mine) in reason and str(theirs) not in reason.replace(f"port {asked} ", ""), reason
+    assert book.leases() == [] and not is_bound(asked)

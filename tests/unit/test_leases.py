@@ -119,8 +119,8 @@ async def test_fixed_lease_is_never_taken_by_another_client(
 @pytest.mark.parametrize(
     ("port", "reason"),
     [
-        (5999, "port 5999 is not in the relay's allowed ports (6000-6999)"),
-        (7000, "port 7000 is not in the relay's allowed ports (6000-6999)"),
+        (5999, "port 5999 is not in the relay's allowed ports (this client may use: 6000-6004)"),
+        (7000, "port 7000 is not in the relay's allowed ports (this client may use: 6000-6004)"),
         (6005, "port 6005 is not allowed for this client (allowed: 6000-6004)"),
     ],
 )

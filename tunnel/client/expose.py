@@ -14,12 +14,11 @@ otherwise ``A`` is LOCAL_HOST and ``B`` is LOCAL_PORT (``localhost:8888``,
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from dataclasses import dataclass
 from typing import Literal
 
 from tunnel.common.errors import ConfigError
+from tunnel.common.proto.hostport import MAX_HOST_LENGTH, is_ipv6, is_valid_host, parse_port
 from tunnel.common.proto.portset import MAX_PORT, MIN_PORT
 
 __all__ = [
@@ -38,15 +37,6 @@ EXPOSE_GRAMMAR = (
     "e.g. 8888:fixed-6000, 6006, 127.0.0.1:22:6022"
 )
 DEFAULT_LOCAL_HOST = "127.0.0.1"
-MAX_HOST_LENGTH = 253
-"""The DNS limit for a full host name."""
-
-_PORT_RE = re.compile(r"[1-9][0-9]{0,4}", re.ASCII)
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.ASCII)
-_DOTTED_DIGITS_RE = re.compile(r"[0-9.]+", re.ASCII)
-
-
 class _Invalid(Exception):
     """A reason the spec is wrong; parse_expose adds the spec and the grammar."""
 
@@ -75,27 +65,6 @@ def format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_port(text: str) -> int | None:
-    """A port written as plain digits 1-65535 without sign or leading zero, else None."""
-    if not _PORT_RE.fullmatch(text):
-        return None
-    port = int(text)
-    return port if MIN_PORT <= port <= MAX_PORT else None
-
-
-def is_valid_host(host: str) -> bool:
-    """A DNS host name or an IPv4 address (IPv6 is checked by the caller, unbracketed)."""
-    if not host or len(host) > MAX_HOST_LENGTH or not _HOSTNAME_RE.fullmatch(host):
-        return False
-    if _DOTTED_DIGITS_RE.fullmatch(host):
-        # All digits and dots is meant as IPv4; "999.1.1.1" must not pass as a host name.
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            return False
-    return True
-
-
 def _port(text: str, what: str) -> int:
     port = parse_port(text)
     if port is None:
@@ -119,10 +88,8 @@ def _ipv6(text: str) -> tuple[str, str]:
     host, sep, rest = text[1:].partition("]")
     if not sep:
         raise _Invalid("missing ']' after the IPv6 address")
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        raise _Invalid(f"{host!r} is not an IPv6 address") from None
+    if not is_ipv6(host):
+        raise _Invalid(f"{host!r} is not an IPv6 address")
     if not rest.startswith(":"):
         raise _Invalid("expected ':LOCAL_PORT' after the bracketed IPv6 address")
     return host, rest[1:]

@@ -36,6 +36,7 @@ from tunnel.common.config.credentials import parse_public_key, shown_name
 from tunnel.common.config.yamlsafe import load_yaml_document_file
 from tunnel.common.errors import ConfigError
 from tunnel.common.proto.frames import MAX_STREAMS_LIMIT
+from tunnel.common.proto.messages import MAX_HEARTBEAT_SECONDS
 from tunnel.common.proto.portset import MAX_PORT, PortSet
 from tunnel.common.proto.secret import Secret
 from tunnel.server.config_dashboard import (
@@ -326,6 +327,9 @@ def _seconds(ctx: ConfigContext, value: object, key: str) -> float:
         raise ctx.error(key, f"expected a number of seconds, got {describe_value(value)}")
     if not math.isfinite(value) or value <= 0:
         raise ctx.error(key, f"expected a positive number of seconds, "
+                             f"got {describe_value(value)}")
+    if value > MAX_HEARTBEAT_SECONDS:  # welcome carries it: clients refuse more (protocol.md)
+        raise ctx.error(key, f"expected at most {MAX_HEARTBEAT_SECONDS:g} seconds, "
                              f"got {describe_value(value)}")
     return float(value)
 

@@ -484,12 +484,17 @@ class LeaseBook:
 
     def _check_fixed_allowed(self, client: str, port: int) -> None:
         """Refuse ports outside the relay's range or the client's grant, before any lookup,
-        so a client cannot probe who holds ports it may not use."""
+        so a client cannot probe who holds ports it may not use.
+
+        A refusal names only the ports this client may use: the relay's whole range would
+        tell it which ports other clients were granted.
+        """
         if port not in self._relay_ports:
+            allowed = self._allowed_for(client)
             raise ClaimRefused(
                 port,
                 f"port {port} is not in the relay's allowed ports "
-                f"({_describe(self._relay_ports)})",
+                f"(this client may use: {_describe(allowed)})",
             )
         if port not in self._allowed(client):  # already in the relay's range: no intersection
             allowed = self._allowed_for(client)

@@ -78,6 +78,8 @@ class PublicTcp:
         reserved = self._reserved()
         ranges = self._relay_ports.ranges
         port = claim.port
+        if claim.mode == "fixed" and port is None:
+            raise ClaimRefused(None, "fixed needs a port (or ask for mode auto)")
         if claim.mode == "fixed" and isinstance(port, int):
             refusal = claim_refusal(port, ranges, reserved)
             if refusal is not None:

@@ -2,11 +2,15 @@
 
 Each message is a frozen dataclass with a ``TYPE``, one :meth:`to_wire` (the JSON object
 sent, ``type`` first, then the fields in a fixed order) and one :meth:`from_wire` (the
-checks on a received object). :func:`parse` picks the class by ``type`` among those allowed
-at that point of the conversation, so a peer that sends a wrong field type gets a
-RemoteProtocolError (its link closes) instead of a KeyError deep in the relay. Extra fields
-are ignored so that newer peers can add information without breaking older ones. Adding a
-message is one class here, one entry in ``CATALOGUE`` and one row in docs/protocol.md.
+checks on a received object). Every class declares the range of each field in ``FIELDS``
+(:mod:`tunnel.common.proto.fields`) and ``from_wire`` reads every field through it, so a
+value of the wrong type or outside the range docs/protocol.md states (a tunnel id beyond
+u32, a target that is not ``host:port``) is a RemoteProtocolError that closes the link
+before any role sees it. :func:`parse` picks the class by ``type`` among those allowed at
+that point of the conversation. Extra fields are ignored so that newer peers can add
+information without breaking older ones. Adding a message is one class here, one entry in
+``CATALOGUE``, one row in docs/protocol.md's message table and one per field in its field
+table.
 
 Binary values (nonces, proofs, signatures) stay base64 text in the messages: the roles
 decode them with :func:`b64decode` at the step of the login where a bad one is judged.
@@ -21,6 +25,21 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Protocol, Self, TypeVar, overload
 
 from tunnel.common.errors import RemoteProtocolError
+from tunnel.common.proto.fields import (
+    BASE64,
+    BASE64URL,
+    CLIENT_NAME,
+    HOST_PORT,
+    PRINTABLE,
+    WORD,
+    FieldSpec,
+    int_field,
+    number_field,
+    text_field,
+)
+from tunnel.common.proto.frames import MAX_STREAMS_LIMIT
+from tunnel.common.proto.hostport import MAX_TARGET_LENGTH
+from tunnel.common.proto.portset import MAX_PORT, MIN_PORT
 
 __all__ = [
     "CATALOGUE",
@@ -40,7 +59,17 @@ __all__ = [
     "parse",
 ]
 
-MAX_TEXT = 1024  # longest required string field accepted from a peer
+MAX_TEXT = 1024  # longest free-text field (a reason, an error message)
+U32_MAX = 2**32 - 1  # tunnel ids: the OPEN frame carries them as a u32
+#: Ports as an ``expose`` may ask for them: a signed 32-bit int, so that 0, -1 or 65536
+#: reach the claim and get a refusal for that forward alone (reliability B-12).
+CLAIM_PORT_MIN, CLAIM_PORT_MAX = -(2**31), 2**31 - 1
+MAX_HEARTBEAT_SECONDS = 86_400.0  # a day: longer means a dead link is never noticed
+MAX_VERSION_TEXT = 64  # a program version such as "0.1.0"
+MAX_BASE64 = 128  # nonces, proofs and signatures: at most 64 bytes, base64 encoded
+MAX_KEY_ID = 64
+MAX_MODE = 16
+MAX_CLIENT_NAME = 63  # tunnel.server.config.CLIENT_NAME_PATTERN
 
 _M = TypeVar("_M", bound="Message")
 _A = TypeVar("_A", bound="Message")
@@ -52,6 +81,8 @@ class Message(Protocol):
     """What every message class offers (the Link sends any of them)."""
 
     TYPE: ClassVar[str]
+    #: The declared range of every field, in the constructor's order (docs/protocol.md).
+    FIELDS: ClassVar[tuple[FieldSpec, ...]]
 
     def to_wire(self) -> dict[str, Any]: ...
 
@@ -59,40 +90,17 @@ class Message(Protocol):
     def from_wire(cls, obj: Mapping[str, Any]) -> Self: ...
 
 
-def _text(obj: Mapping[str, Any], kind: str, name: str) -> str:
-    value = obj.get(name)
-    if not isinstance(value, str):
-        raise RemoteProtocolError(f"{kind}: field {name!r} missing or of wrong type")
-    if len(value) > MAX_TEXT:
-        raise RemoteProtocolError(f"{kind}: field {name!r} too long")
-    return value
+def _seconds(name: str) -> FieldSpec:
+    return number_field(name, 0, MAX_HEARTBEAT_SECONDS)
 
 
-def _int(obj: Mapping[str, Any], kind: str, name: str) -> int:
-    value = obj.get(name)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise RemoteProtocolError(f"{kind}: field {name!r} missing or of wrong type")
-    return value
+_TUNNEL_ID = int_field("id", 0, U32_MAX)
+_MODE = text_field("mode", MAX_MODE, WORD)
 
 
-def _opt_int(obj: Mapping[str, Any], kind: str, name: str) -> int | None:
-    """An int or null; a missing field reads as null."""
-    if obj.get(name) is None:
-        return None
-    return _int(obj, kind, name)
-
-
-def _number(obj: Mapping[str, Any], kind: str, name: str) -> float:
-    value = obj.get(name)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise RemoteProtocolError(f"{kind}: field {name!r} missing or of wrong type")
-    return value
-
-
-def _optional_text(obj: Mapping[str, Any], name: str) -> str | None:
-    """A field whose wrong type counts as absent (the caller decides what absent means)."""
-    value = obj.get(name)
-    return value if isinstance(value, str) else None
+def _read(cls: type[Message], obj: Mapping[str, Any]) -> list[Any]:
+    """Every field of ``cls`` (its ``FIELDS``, in order) read and range-checked."""
+    return [spec.read(obj, cls.TYPE) for spec in cls.FIELDS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +108,9 @@ class Challenge:
     """relay -> client, first message: the protocol version and a fresh nonce."""
 
     TYPE: ClassVar[str] = "challenge"
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        int_field("version", 0, 255), text_field("nonce", MAX_BASE64, BASE64),
+        text_field("server_version", MAX_VERSION_TEXT, PRINTABLE))
     version: int
     nonce: str  # base64
     server_version: str
@@ -110,9 +121,7 @@ class Challenge:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> Self:
-        kind = cls.TYPE
-        return cls(_int(obj, kind, "version"), _text(obj, kind, "nonce"),
-                   _text(obj, kind, "server_version"))
+        return cls(*_read(cls, obj))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +131,12 @@ class Auth:
     one with a wrong credential, never told apart (reliability S-1)."""
 
     TYPE: ClassVar[str] = "auth"
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        text_field("nonce", MAX_BASE64, BASE64),
+        text_field("client_version", MAX_VERSION_TEXT, PRINTABLE),
+        text_field("proof", MAX_BASE64, BASE64, optional=True, lenient=True),
+        text_field("key_id", MAX_KEY_ID, BASE64URL, optional=True, lenient=True),
+        text_field("signature", MAX_BASE64, BASE64, optional=True, lenient=True))
     nonce: str  # base64
     client_version: str
     proof: str | None = None  # base64
@@ -141,10 +156,7 @@ class Auth:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> Self:
-        kind = cls.TYPE
-        return cls(_text(obj, kind, "nonce"), _text(obj, kind, "client_version"),
-                   proof=_optional_text(obj, "proof"), key_id=_optional_text(obj, "key_id"),
-                   signature=_optional_text(obj, "signature"))
+        return cls(*_read(cls, obj))
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +165,10 @@ class Welcome:
     not an int counts as absent (the client keeps its default)."""
 
     TYPE: ClassVar[str] = "welcome"
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        text_field("client", MAX_CLIENT_NAME, CLIENT_NAME), _seconds("heartbeat_interval"),
+        _seconds("heartbeat_timeout"),
+        int_field("max_streams", 1, MAX_STREAMS_LIMIT, optional=True, lenient=True))
     client: str
     heartbeat_interval: float
     heartbeat_timeout: float
@@ -165,12 +181,7 @@ class Welcome:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> Self:
-        kind = cls.TYPE
-        streams = obj.get("max_streams")
-        if not isinstance(streams, int) or isinstance(streams, bool):
-            streams = None
-        return cls(_text(obj, kind, "client"), _number(obj, kind, "heartbeat_interval"),
-                   _number(obj, kind, "heartbeat_timeout"), streams)
+        return cls(*_read(cls, obj))
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +189,7 @@ class Refused:
     """relay -> client: login refused (one generic reason); the link closes with 1008."""
 
     TYPE: ClassVar[str] = "refused"
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (text_field("reason", MAX_TEXT),)
     reason: str
 
     def to_wire(self) -> dict[str, Any]:
@@ -185,7 +197,7 @@ class Refused:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> Self:
-        return cls(_text(obj, cls.TYPE, "reason"))
+        return cls(*_read(cls, obj))
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +205,9 @@ class Expose:
     """client -> relay: claim a public port (``fixed``, or ``auto``: null) for a target."""
 
     TYPE: ClassVar[str] = "expose"
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        _TUNNEL_ID, text_field("target", MAX_TARGET_LENGTH, HOST_PORT), _MODE,
+        int_field("port", CLAIM_PORT_MIN, CLAIM_PORT_MAX, optional=True))
     id: int
     target: str
     mode: str
@@ -204,9 +219,7 @@ class Expose:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> Self:
-        kind = cls.TYPE
-        return cls(_int(obj, kind, "id"), _text(obj, kind, "target"), _text(obj, kind, "mode"),
-                   _opt_int(obj, kind, "port"))
+        return cls(*_read(cls, obj))
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +227,8 @@ class Exposed:
     """relay -> client: the tunnel ``id`` is live on ``port``."""
 
     TYPE: ClassVar[str] = "exposed"
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        _TUNNEL_ID, int_field("port", MIN_PORT, MAX_PORT), _MODE)
     id: int
     port: int
     mode: str
@@ -223,8 +238,7 @@ class Exposed:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> Self:
-        kind = cls.TYPE
-        return cls(_int(obj, kind, "id"), _int(obj, kind, "port"), _text(obj, kind, "mode"))
+        return cls(*_read(cls, obj))
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +246,9 @@ class ExposeRefused:
     """relay -> client: the claim of tunnel ``id`` is refused, with the reason."""
 
     TYPE: ClassVar[str] = "expose_refused"
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        _TUNNEL_ID, int_field("port", CLAIM_PORT_MIN, CLAIM_PORT_MAX, optional=True),
+        text_field("reason", MAX_TEXT))
     id: int
     port: int | None
     reason: str
@@ -241,9 +258,7 @@ class ExposeRefused:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> Self:
-        kind = cls.TYPE
-        return cls(_int(obj, kind, "id"), _opt_int(obj, kind, "port"),
-                   _text(obj, kind, "reason"))
+        return cls(*_read(cls, obj))
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +266,7 @@ class Error:
     """Either way: a fatal problem; the link closes next."""
 
     TYPE: ClassVar[str] = "error"
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (text_field("message", MAX_TEXT),)
     message: str
 
     def to_wire(self) -> dict[str, Any]:
@@ -258,7 +274,7 @@ class Error:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> Self:
-        return cls(_text(obj, cls.TYPE, "message"))
+        return cls(*_read(cls, obj))
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +283,9 @@ class Telemetry:
     carried as sent: the receiver coerces them (tunnel.common.proto.telemetry.normalize)."""
 
     TYPE: ClassVar[str] = "telemetry"
+    #: No fixed fields: every figure is optional and coerced by the receiver, where a
+    #: figure out of its range becomes absent (telemetry.normalize holds those ranges).
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = ()
     figures: Mapping[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:

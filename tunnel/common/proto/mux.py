@@ -23,6 +23,12 @@ window updates that return no credit we actually spent) are limited to
 a stream reset by either side, beyond what the peer may still have had in flight, to
 ``MAX_STRAY_DATA_PER_MINUTE``. Going over any of them is a protocol error.
 
+Those limits are per kind; over them one rule covers every frame, whatever its type and
+whatever the state of its stream (reliability B-13): a frame that delivers no bytes to a
+live stream is a *bare* frame, charged at the single point where frames enter the mux to
+``MAX_BARE_FRAMES_PER_SECOND`` before its handler runs, so no handler path can skip it.
+What is left uncharged, DATA bytes for a live stream, is bounded by that stream's window.
+
 RESET goes out ahead of queued DATA (control frames first), so a reset drops the stream's
 DATA still queued here: sent behind the RESET, it would reach a peer that already forgot
 the stream and count against its stray-data limit (F-5: hundreds of visitors leaving at
@@ -58,6 +64,8 @@ from tunnel.common.proto.sizeclass import classed_join
 __all__ = [
     "DEFAULT_MAX_STREAMS",
     "INITIAL_WINDOW",
+    "MAX_BARE_FRAMES_BURST",
+    "MAX_BARE_FRAMES_PER_SECOND",
     "MAX_CONTROL_BURST",
     "MAX_CONTROL_FRAMES_PER_SECOND",
     "MAX_EMPTY_DATA_PER_SECOND",
@@ -124,6 +132,16 @@ MAX_EMPTY_DATA_PER_SECOND = 1000
 #: DATA frames per minute for a stream already gone, beyond the bytes the peer could still
 #: have had in flight when we reset it (those are drained without counting against it).
 MAX_STRAY_DATA_PER_MINUTE = 100
+#: Bare frames (any frame that delivers no bytes to a live stream: OPEN, RESET, FIN, empty
+#: DATA, WINDOW_UPDATE, PING, GOAWAY, CONTROL, and every frame for a stream that is gone) a
+#: peer may send per second. A stream's life costs a few (OPEN, FIN or RESET each way, the
+#: DATA still in flight when it was reset), so this leaves room for several times the
+#: relay's default opens per port (2000 a second); earned window updates come one per half
+#: window of bulk data, a few thousand a second at gigabytes a second.
+MAX_BARE_FRAMES_PER_SECOND = 20_000
+#: ...of which this many may come at once: every stream of a full link (DEFAULT_MAX_STREAMS)
+#: reset together, each with a window of DATA in flight in frames of 16 KiB or more.
+MAX_BARE_FRAMES_BURST = 65_536
 #: A WINDOW_UPDATE returning at least this much spent credit is earned, not a control frame:
 #: our receiver grants in batches of half a window, a dribbler in single bytes.
 MIN_EARNED_GRANT = MAX_DATA_PAYLOAD // 8
@@ -272,7 +290,7 @@ class Mux:
     #: Bytes of DATA frames queued but not yet taken by :meth:`next_message`.
     pending_data_bytes: int = 0
     _last_id: int = 0
-    #: Frames for streams already gone (drained, counted; see reliability B-4).
+    #: Frames of any type for streams already gone (drained, counted; reliability B-4, B-13).
     stray_frames: int = 0
     #: Time source for the flood limits; the I/O layer injects its event loop's clock.
     clock: Callable[[], float] = _frozen_clock
@@ -284,6 +302,9 @@ class Mux:
         default_factory=lambda: RateLimit(MAX_EMPTY_DATA_PER_SECOND, 1.0))
     _stray_rate: RateLimit = field(
         default_factory=lambda: RateLimit(MAX_STRAY_DATA_PER_MINUTE, 60.0))
+    _bare_rate: RateLimit = field(
+        default_factory=lambda: RateLimit(MAX_BARE_FRAMES_PER_SECOND, 1.0,
+                                          MAX_BARE_FRAMES_BURST))
     #: Reset stream -> DATA bytes the peer may still have had in flight (either side reset it).
     _in_flight_allowance: dict[int, int] = field(default_factory=dict)
 
@@ -470,8 +491,17 @@ class Mux:
         events: list[Event] = []
         self._now = self.clock()
         for frame in iter_frames(message):
+            if not self._delivers_bytes(frame):
+                self._limit(self._bare_rate, "frames without stream bytes")
             _HANDLERS[frame.type](self, frame, events)
         return events
+
+    def _delivers_bytes(self, frame: Frame) -> bool:
+        """True for the one kind of frame not charged as bare: DATA with bytes for a live
+        stream. Its cost is bounded by the stream's receive window, which only the
+        application's consumption reopens."""
+        return (frame.type is FrameType.DATA and len(frame.payload) > 0
+                and frame.stream_id in self._streams)
 
     def _limit(self, rate: RateLimit, what: str) -> None:
         """Count one frame against ``rate``; a peer over it is flooding (reliability B-7)."""
@@ -532,6 +562,7 @@ class Mux:
         stream = self._streams.get(frame.stream_id)
         if stream is None:
             self._check_known_id(frame.stream_id)
+            self.stray_frames += 1
             self._limit(self._control_rate, "control frames")
             return
         earned = (frame.value >= MIN_EARNED_GRANT
@@ -568,6 +599,7 @@ class Mux:
         stream = self._streams.pop(sid, None)
         if stream is None:
             self._check_known_id(sid)
+            self.stray_frames += 1
             return
         self._forget_reset(sid, stream)
         events.append(StreamReset(sid, frame.value))

@@ -63,7 +63,7 @@ from tests.e2e.services import (
     read_exactly_digest,
     send_pattern,
 )
-from tunnel.client.connector import BACKOFF_CAP
+from tunnel.client.connector import RESTART_RECONNECT_BOUND
 from tunnel.client.dialer import DIAL_ERROR_LOG_INTERVAL, DIAL_TIMEOUT
 
 MIB = 1024 * 1024
@@ -72,6 +72,10 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 DASHBOARD_RE = r"^tunnel-server: dashboard on http://127\.0\.0\.1:(?P<port>\d+)"
 DASHBOARD_PASSWORD = "faults-" + secrets.token_urlsafe(15)
 LOG_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+#: What R-2 and R-8 allow on top of connector.RESTART_RECONNECT_BOUND (which bounds the
+#: start of each client's successful attempt after the relay answers again): the login and
+#: port claims themselves, and this test reading up to 200 clients' output on shared cores.
+RESTART_BOUND_MARGIN = 3.0
 
 
 # ---------------------------------------------------------------- helpers
@@ -217,8 +221,9 @@ async def test_R2_server_restart(tmp_path: Path, variant: Variant, how: str) -> 
     10 s drain, completes with a correct digest; a stream still open at the deadline is
     reset (never a clean EOF). SIGKILL: the relay is just gone. Either way the restarted
     relay (same link port, same state) gets the client back on every port within
-    backoff cap + 2 s of its return (typically 0-20 s: a client whose relay went away
-    spreads its reconnect over connector.RESTART_SPREAD, see R-8). The SIGKILL variant
+    connector.RESTART_RECONNECT_BOUND + RESTART_BOUND_MARGIN of its return (typically
+    0-20 s: a client whose relay went away spreads its reconnect over
+    connector.RESTART_SPREAD, see R-8). The SIGKILL variant
     asserts only the reconnect: what the visitors see when the relay dies is R-13's."""
     echo = EchoService()
     await echo.start()
@@ -268,10 +273,11 @@ async def test_R2_server_restart(tmp_path: Path, variant: Variant, how: str) -> 
 
     server, url = await start_server(tmp_path, config)  # same link port, same state
     back = time.monotonic()
-    await wait_tunnel(client, echo.target, since=mark, timeout=BACKOFF_CAP + 2)
-    await wait_tunnel(client, echo.target, since=mark + 1, timeout=BACKOFF_CAP + 2)
+    bound = RESTART_RECONNECT_BOUND + RESTART_BOUND_MARGIN
+    await wait_tunnel(client, echo.target, since=mark, timeout=bound)
+    await wait_tunnel(client, echo.target, since=mark + 1, timeout=bound)
     took = time.monotonic() - back
-    assert took <= BACKOFF_CAP + 2
+    assert took <= bound
     await asyncio.gather(echo_check(port_a, MIB, seed=1), echo_check(port_b, MIB, seed=2))
     print(f"R-2 {how}: client back on both ports {took:.2f} s after the relay returned")
 
@@ -651,8 +657,10 @@ def _attempt_times(client: Proc, since: int) -> list[float]:
 async def test_R8_reconnect_storm_is_spread_by_jitter(tmp_path: Path, variant: Variant,
                                                       size: Size) -> None:
     """Clients (fast 40, full 200), each its own identity with one port; the relay is
-    killed and restarted on the same link port. All are back within 30 s and no 1 s window
-    holds more than 25 % of the reconnect attempts.
+    killed and restarted on the same link port. Every client is back within
+    connector.RESTART_RECONNECT_BOUND (30 s) of the relay listening again, plus
+    RESTART_BOUND_MARGIN for the logins themselves, and no 1 s window holds more than 25 %
+    of the reconnect attempts.
 
     Attempts are counted where they cost something: at the relay (every link that reaches
     it after the restart logs a login, a refusal or an abandoned login). Attempts made while
@@ -669,7 +677,7 @@ async def test_R8_reconnect_storm_is_spread_by_jitter(tmp_path: Path, variant: V
     (connector.RESTART_SPREAD).
 
     Why 40 and not 20 at fast size: with 20 clients the criterion is "at most 5 in any
-    second", and random jitter of any spread that still meets "all back within 30 s"
+    second", and random jitter of any spread that still meets the bound
     breaks it in about 1 run in 20 by chance alone; 40 brings that below 1 in 300.
     Plain only: the schedule under test is the connector's, decided before any TLS, and 40
     concurrent TLS handshakes on 2 cores would measure the CPU, not the jitter."""
@@ -695,17 +703,26 @@ async def test_R8_reconnect_storm_is_spread_by_jitter(tmp_path: Path, variant: V
                                            stream="stderr")
                            for p, (_, err) in zip(procs, marks, strict=True)))
     server, url = await start_server(tmp_path, config)
-    await asyncio.gather(*(wait_tunnel(p, echo.target, since=out, timeout=30)
-                           for p, (out, _) in zip(procs, marks, strict=True)))
+    back = time.monotonic()
+    bound = RESTART_RECONNECT_BOUND + RESTART_BOUND_MARGIN
+
+    async def back_after(proc: Proc, out: int) -> float:
+        await wait_tunnel(proc, echo.target, since=out, timeout=bound)
+        return time.monotonic() - back
+
+    backs = await asyncio.gather(*(back_after(p, out)
+                                   for p, (out, _) in zip(procs, marks, strict=True)))
     took = time.monotonic() - killed
     arrivals = [log_time(ln) for ln in server.stderr_lines
                 if re.search(r"client c\d+ online from|login refused|login from .* abandoned", ln)]
     busiest = busiest_window(arrivals)
     tried = [t for p, (_, err) in zip(procs, marks, strict=True) for t in _attempt_times(p, err)]
-    print(f"R-8: {count} clients back {took:.1f} s after the kill; relay saw {len(arrivals)} "
+    print(f"R-8: {count} clients back {took:.1f} s after the kill, the last {max(backs):.1f} s "
+          f"after the relay listened again (bound {RESTART_RECONNECT_BOUND:.0f} s + "
+          f"{RESTART_BOUND_MARGIN:.0f} s); relay saw {len(arrivals)} "
           f"attempts, busiest 1 s window {busiest} ({busiest / len(arrivals):.0%}); clients "
           f"made {len(tried)} attempts, busiest window {busiest_window(tried)}")
-    assert took <= 30
+    assert max(backs) <= bound
     assert len(arrivals) >= count
     assert busiest <= 0.25 * len(arrivals)
 

@@ -114,27 +114,17 @@ export function createCard(name, onDisconnect) {
   // tunnels
   const tunnels = el("section", "block block-wide");
   blockHead(tunnels, "Tunnels");
-  const tableWrap = el("div", "table-wrap");
-  const table = el("table", "tunnels");
-  const thead = el("thead");
-  const hr = el("tr");
-  for (const [label, cls] of [
+  const tunnelTable = headedTable("tunnels", [
     ["public port", null],
     ["local target", null],
     ["", null],
     ["conns", "num"],
     ["in: total, now", "num"],
     ["out: total, now", "num"],
-  ]) {
-    hr.appendChild(el("th", cls, label));
-  }
-  thead.appendChild(hr);
-  table.appendChild(thead);
-  card.tunnelBody = el("tbody");
-  table.appendChild(card.tunnelBody);
-  tableWrap.appendChild(table);
-  tunnels.appendChild(tableWrap);
-  card.tunnelTable = tableWrap;
+  ]);
+  card.tunnelBody = tunnelTable.body;
+  tunnels.appendChild(tunnelTable.wrap);
+  card.tunnelTable = tunnelTable.wrap;
   card.tunnelsEmpty = el("p", "empty-small muted", "no tunnels");
   tunnels.appendChild(card.tunnelsEmpty);
   root.appendChild(tunnels);
@@ -185,31 +175,39 @@ export function createCard(name, onDisconnect) {
   const connHead = blockHead(conns, "Open connections");
   card.connCount = el("span", "muted small");
   connHead.appendChild(card.connCount);
-  const connWrap = el("div", "table-wrap");
-  const connTable = el("table", "conns");
-  const cthead = el("thead");
-  const chr = el("tr");
-  for (const [label, cls] of [
+  const connTable = headedTable("conns", [
     ["visitor", null],
     ["port", "num"],
     ["open for", "num"],
     ["in", "num"],
     ["out", "num"],
-  ]) {
-    chr.appendChild(el("th", cls, label));
-  }
-  cthead.appendChild(chr);
-  connTable.appendChild(cthead);
-  card.connBody = el("tbody");
-  connTable.appendChild(card.connBody);
-  connWrap.appendChild(connTable);
-  conns.appendChild(connWrap);
-  card.connTable = connTable;
+  ]);
+  card.connBody = connTable.body;
+  conns.appendChild(connTable.wrap);
+  card.connTable = connTable.table;
   card.connEmpty = el("p", "empty-small muted", "nobody connected");
   conns.appendChild(card.connEmpty);
   root.appendChild(conns);
 
   return card;
+}
+
+// A table in its scrolling wrapper, with one head row of [label, class] columns and an
+// empty body for the rows.
+function headedTable(tableClass, columns) {
+  const wrap = el("div", "table-wrap");
+  const table = el("table", tableClass);
+  const thead = el("thead");
+  const row = el("tr");
+  for (const [label, cls] of columns) {
+    row.appendChild(el("th", cls, label));
+  }
+  thead.appendChild(row);
+  table.appendChild(thead);
+  const body = el("tbody");
+  table.appendChild(body);
+  wrap.appendChild(table);
+  return { wrap, table, body };
 }
 
 function resourceRow(parent, label) {
